@@ -1,0 +1,337 @@
+"""params.yaml -> typed, validated configuration.
+
+Every experiment parameter lives in params.yaml; `-S key=value` overrides use dotted keys (as
+`dvc exp run -S`). Bad values raise `ConfigError` with one line naming the key, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad parameter: the message names the key, the value and what is allowed."""
+
+
+METHODS = ("gradcam", "gradcampp", "ig", "smoothgrad", "blur_ig", "guided_ig", "lime")
+TRANSFORM_NAMES = (
+    "TranslateX", "TranslateY", "Rotate", "FlipLR", "FlipUD",
+    "Brightness", "Color", "Contrast", "Sharpness", "AutoContrast", "Equalize", "Blur", "Smooth",
+)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 6
+    save_epochs: tuple[int, ...] = (1, 2, 3, 4, 5)
+    batch_size: int = 64
+    lr: float = 8e-4
+    weight_decay: float = 1e-3
+    grad_clip: float = 0.1
+    freeze_backbone: bool = False
+    head: str = "linear"
+    plateau_patience: int = 2
+    plateau_factor: float = 0.5
+    max_train_images: int | None = None
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    images: int = 8
+    seed: int = 0
+    transforms: tuple[str, ...] = TRANSFORM_NAMES
+    magnitudes: int = 6
+    random_model: bool = True
+    mid_ckpt: bool = True
+    shard_size: int = 4
+    batch_size: int = 256
+    sample_maps: int = 2
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    drop_misclassified: bool = True
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "cose"
+    required: bool = False
+    retries: int = 3
+    backoff_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    datasets: tuple[str, ...] = ("digits",)
+    models: tuple[str, ...] = ("demo_resnet",)
+    methods: tuple[str, ...] = METHODS
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    explain: ExplainConfig = ExplainConfig()
+    compile: CompileConfig = CompileConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (fingerprints shards and checkpoints)."""
+        raw = self.to_dict()
+        blob = json.dumps({s: raw[s] for s in sections}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- parsing
+
+_SECTIONS = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "explain": ExplainConfig,
+    "compile": CompileConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
+    """Check `value` against the field's type (taken from its annotation and default)."""
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: got null, expected {annotation}")
+    if annotation.startswith("tuple"):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: got {value!r}, expected a list")
+        inner = "int" if "int" in annotation else "str"
+        out = []
+        for item in value:
+            if inner == "int" and (isinstance(item, bool) or not isinstance(item, int)):
+                raise ConfigError(f"{key}: item {item!r} is not an integer")
+            if inner == "str" and not isinstance(item, str):
+                raise ConfigError(f"{key}: item {item!r} is not a string")
+            out.append(item)
+        return tuple(out)
+    if annotation.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}, expected a mapping")
+        return copy.deepcopy(value)
+    if annotation.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: got {value!r}, expected true or false")
+        return value
+    if annotation.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: got {value!r}, expected an integer")
+        return value
+    if annotation.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: got {value!r}, expected a number")
+        return float(value)
+    if annotation.startswith("str"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: got {value!r}, expected a string")
+        return value
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: got {raw!r}, expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        bad = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{bad}: unknown key; allowed: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in raw.items():
+        f = fields[name]
+        key = f"{prefix}.{name}" if prefix else name
+        if name in _SECTIONS and cls is Config:
+            kwargs[name] = _build(_SECTIONS[name], value, key)
+        else:
+            kwargs[name] = _coerce(key, value, f.default, str(f.type))
+    return cls(**kwargs)
+
+
+def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: got {value!r}, expected {'>= 0' if allow_zero else '> 0'}")
+
+
+def _check_names(key: str, values: tuple[str, ...], allowed: tuple[str, ...] | list[str]) -> None:
+    if not values:
+        raise ConfigError(f"{key}: empty list; allowed: {', '.join(allowed)}")
+    for v in values:
+        if v not in allowed:
+            raise ConfigError(f"{key}: unknown value {v!r}; allowed: {', '.join(allowed)}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{key}: duplicate entries in {list(values)!r}")
+
+
+def validate(cfg: Config, check_registries: bool = True) -> Config:
+    """Range and name checks that go beyond types."""
+    if cfg.seed < 0:
+        raise ConfigError(f"seed: got {cfg.seed!r}, expected >= 0")
+    _check_names("methods", cfg.methods, METHODS)
+    if check_registries:
+        from cose import data as data_registry
+        from cose import models as model_registry
+
+        _check_names("datasets", cfg.datasets, tuple(data_registry.names()))
+        _check_names("models", cfg.models, tuple(model_registry.names()))
+    t = cfg.train
+    _check_positive("train.epochs", t.epochs)
+    _check_positive("train.batch_size", t.batch_size)
+    _check_positive("train.lr", t.lr)
+    _check_positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    _check_positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    if t.head not in ("linear", "mlp"):
+        raise ConfigError(f"train.head: got {t.head!r}; allowed: linear, mlp")
+    for e in t.save_epochs:
+        if not 1 <= e < t.epochs:
+            raise ConfigError(
+                f"train.save_epochs: epoch {e} outside 1..{t.epochs - 1} (intermediate epochs)"
+            )
+    if t.max_train_images is not None:
+        _check_positive("train.max_train_images", t.max_train_images)
+    e = cfg.explain
+    _check_positive("explain.images", e.images)
+    _check_positive("explain.magnitudes", e.magnitudes)
+    if e.magnitudes > 60:
+        raise ConfigError(f"explain.magnitudes: got {e.magnitudes}, expected 1..60")
+    _check_positive("explain.shard_size", e.shard_size)
+    _check_positive("explain.batch_size", e.batch_size)
+    _check_positive("explain.sample_maps", e.sample_maps, allow_zero=True)
+    _check_positive("explain.seed", e.seed, allow_zero=True)
+    _check_names("explain.transforms", e.transforms, TRANSFORM_NAMES)
+    for method, settings in e.settings.items():
+        if method not in METHODS:
+            raise ConfigError(
+                f"explain.settings.{method}: unknown method; allowed: {', '.join(METHODS)}"
+            )
+        if not isinstance(settings, dict):
+            raise ConfigError(f"explain.settings.{method}: got {settings!r}, expected a mapping")
+        if check_registries:
+            from cose import saliency
+
+            allowed = saliency.defaults(method)
+            for name in settings:
+                if name not in allowed:
+                    raise ConfigError(
+                        f"explain.settings.{method}.{name}: unknown setting; "
+                        f"allowed: {', '.join(sorted(allowed))}"
+                    )
+    _check_positive("tracking.retries", cfg.tracking.retries, allow_zero=True)
+    _check_positive("tracking.backoff_s", cfg.tracking.backoff_s, allow_zero=True)
+    return cfg
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"-S {text!r}: expected KEY=VALUE with a dotted key")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"-S {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"-S {key}: cannot parse value {raw!r}: {exc}") from None
+    return key, value
+
+
+def _known_keys(cls: type = Config, prefix: str = "") -> set[str]:
+    keys = set()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.add(key)
+        if cls is Config and f.name in _SECTIONS:
+            keys |= _known_keys(_SECTIONS[f.name], key + ".")
+    return keys
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    known = _known_keys()
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        # explain.settings.<method>.<name> is open-ended below `settings`
+        head = ".".join(parts[:2]) if parts[:2] == ["explain", "settings"] else key
+        if head not in known:
+            section = parts[0] + "."
+            near = sorted(k for k in known if k.startswith(section)) or sorted(
+                k for k in known if "." not in k
+            )
+            raise ConfigError(f"-S {key}: unknown key; allowed: {', '.join(near)}")
+        node = raw
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"-S {key}: {part!r} is not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(
+    path: str | Path = "params.yaml",
+    overrides: list[str] | None = None,
+    check_registries: bool = True,
+) -> Config:
+    """Read params.yaml (or a preset), apply `-S` overrides, validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return validate(from_dict(raw), check_registries=check_registries)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "")

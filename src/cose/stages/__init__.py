@@ -1,0 +1,1 @@
+"""Stage drivers that dvc.yaml runs: thin layers over the library."""

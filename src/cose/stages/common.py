@@ -1,0 +1,95 @@
+"""Paths, fingerprints and data selection shared by the stage drivers."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from cose.config import Config, ConfigError
+
+log = logging.getLogger("cose")
+
+CHECKPOINTS = Path("checkpoints")
+EXPLAIN = Path("outputs") / "explain"
+RESULTS = Path("results")
+
+# Modules whose code determines an explain shard's numbers (fingerprinted into each shard).
+EXPLAIN_CODE = ("engine.py", "transforms.py", "similarity.py", "saliency")
+
+
+def ckpt_dir(dataset: str, model: str) -> Path:
+    return CHECKPOINTS / dataset / model
+
+
+def explain_dir(dataset: str, model: str, method: str) -> Path:
+    return EXPLAIN / dataset / model / method
+
+
+def quiet() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or bool(
+        os.environ.get("COSE_QUIET")
+    ) or not sys.stderr.isatty()
+
+
+def code_hash(parts: tuple[str, ...] = EXPLAIN_CODE) -> str:
+    """sha256 over the source files of the named modules/packages of `cose`."""
+    base = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for part in parts:
+        p = base / part
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(base)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def data_dir(cfg: Config, dataset: str) -> Path:
+    path = Path(cfg.data.root) / dataset
+    if not (path / "manifest.csv").exists():
+        raise ConfigError(
+            f"datasets: {dataset!r} has no data at {path}/manifest.csv; "
+            f"run `cose data fetch {dataset}` (or `dvc pull`) first"
+        )
+    return path
+
+
+def num_classes(cfg: Config, dataset: str) -> int:
+    classes = (data_dir(cfg, dataset) / "classes.txt").read_text().splitlines()
+    return len([c for c in classes if c.strip()])
+
+
+def explain_subset(cfg: Config, dataset: str, model: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The first `explain.images` test images of a seeded permutation (REFERENCE.md step 1).
+
+    Returns images in [0,1] at the model's input size, labels, and their test-split indices.
+    """
+    from cose import data, models
+
+    spec = models.preprocess(model)
+    images, labels = data.load_split(dataset, cfg.data.root, "test", spec)
+    g = torch.Generator().manual_seed(cfg.explain.seed)
+    order = torch.randperm(len(labels), generator=g)[: cfg.explain.images]
+    return images[order], labels[order], order.tolist()
+
+
+def device() -> torch.device:
+    """`COSE_DEVICE` (cpu, cuda, cuda:N), else CUDA when present: an env choice, not a param."""
+    name = os.environ.get("COSE_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup_logging(level: str | None = None) -> None:
+    level = (level or os.environ.get("COSE_LOG_LEVEL") or "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )

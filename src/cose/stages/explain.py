@@ -1,0 +1,260 @@
+"""explain: per (dataset, model, method), the per-pair table of REFERENCE.md.
+
+The work is split into units (dataset, model, method, image shard), enumerated
+deterministically from params. Each unit writes its shard atomically (parquet, then a JSON
+sidecar with the shard's sha256 and fingerprint: the sidecar is the commit marker). On start
+the stage counts the finished shards, recomputes missing, truncated or stale ones, and runs
+the rest on the chosen backend (`--backend` / `COSE_BACKEND`: local or ray). Finished shards
+survive a killed run (the DVC output is `persist`), and a shard from other params, code or
+checkpoints has another fingerprint and is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cose.config import Config, from_dict
+from cose.io import atomic_write_bytes, atomic_write_text, sha256_file
+from cose.stages import common
+from cose.tracking import Journal
+
+log = logging.getLogger("cose.explain")
+
+
+@dataclass(frozen=True)
+class Unit:
+    dataset: str
+    model: str
+    method: str
+    shard: int
+    start: int
+    stop: int
+    fingerprint: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.model}/{self.method}/shard_{self.shard:04d}"
+
+    @property
+    def parquet(self) -> Path:
+        return common.explain_dir(self.dataset, self.model, self.method) / "shards" / (
+            f"shard_{self.shard:04d}.parquet"
+        )
+
+    @property
+    def sidecar(self) -> Path:
+        return self.parquet.with_suffix(".json")
+
+
+def checkpoint_hash(dataset: str, model: str) -> str:
+    d = common.ckpt_dir(dataset, model)
+    files = sorted(d.glob("*.pt"))
+    if not files:
+        raise FileNotFoundError(
+            f"no checkpoints in {d}; run the train stage first (`cose train` or `dvc repro train`)"
+        )
+    h = hashlib.sha256()
+    for f in files:
+        if f.name == "last.pt":  # resume state, not part of the result
+            continue
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()[:16]
+
+
+def plan(cfg: Config) -> list[Unit]:
+    """All units of the stage, in a fixed order."""
+    code = common.code_hash()
+    explain = {k: v for k, v in cfg.to_dict()["explain"].items() if k != "batch_size"}
+    units = []
+    n_shards = math.ceil(cfg.explain.images / cfg.explain.shard_size)
+    for dataset in cfg.datasets:
+        for model in cfg.models:
+            ckpt = checkpoint_hash(dataset, model)
+            for method in cfg.methods:
+                for shard in range(n_shards):
+                    start = shard * cfg.explain.shard_size
+                    stop = min(start + cfg.explain.shard_size, cfg.explain.images)
+                    blob = json.dumps(
+                        {"seed": cfg.seed, "explain": explain, "dataset": dataset,
+                         "model": model, "method": method, "range": [start, stop],
+                         "code": code, "ckpt": ckpt, "save_epochs": cfg.train.save_epochs},
+                        sort_keys=True,
+                    )
+                    fp = hashlib.sha256(blob.encode()).hexdigest()[:20]
+                    units.append(Unit(dataset, model, method, shard, start, stop, fp))
+    return units
+
+
+def shard_ok(unit: Unit) -> bool:
+    """The shard exists, is complete (checksum) and was made from the same inputs."""
+    try:
+        meta = json.loads(unit.sidecar.read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("fingerprint") != unit.fingerprint or not unit.parquet.exists():
+        return False
+    return sha256_file(unit.parquet) == meta.get("sha256")
+
+
+# --------------------------------------------------------------------------- unit compute
+
+_CONTEXT: dict[tuple, dict[str, Any]] = {}
+
+
+def _load_model(name: str, nc: int, path: Path, dev: torch.device) -> torch.nn.Module:
+    from cose import models
+
+    return models.create(name, nc, weights=str(path)).to(dev).eval()
+
+
+def _context(cfg: Config, dataset: str, model: str) -> dict[str, Any]:
+    """Data and every model a unit needs, loaded once per worker process."""
+    key = (dataset, model, common.code_hash(), checkpoint_hash(dataset, model),
+           cfg.data.root, cfg.explain.images, cfg.explain.seed, cfg.train.save_epochs,
+           cfg.explain.random_model, cfg.explain.mid_ckpt)
+    if key in _CONTEXT:
+        return _CONTEXT[key]
+    from cose import models
+
+    _CONTEXT.clear()  # one (dataset, model) at a time per worker bounds memory
+    dev = common.device()
+    nc = common.num_classes(cfg, dataset)
+    images, labels, test_idx = common.explain_subset(cfg, dataset, model)
+    d = common.ckpt_dir(dataset, model)
+    ctx = {
+        "images": images.to(dev),
+        "labels": labels.to(dev),
+        "test_idx": test_idx,
+        "model": _load_model(model, nc, d / "final.pt", dev),
+        "random": _load_model(model, nc, d / "random.pt", dev) if cfg.explain.random_model else None,
+        "checkpoints": {
+            f"mid_ckpt_e{e:03d}": _load_model(model, nc, d / f"epoch_{e:03d}.pt", dev)
+            for e in (cfg.train.save_epochs if cfg.explain.mid_ckpt else ())
+        },
+        "normalize": lambda x, _m=model: models.normalize(x, _m),
+    }
+    _CONTEXT[key] = ctx
+    return ctx
+
+
+def compute_unit(unit: Unit, cfg_dict: dict[str, Any], root: str | None = None) -> dict[str, Any]:
+    """Compute one unit and write its shard; safe to call from any worker process."""
+    import os
+
+    from cose.engine import explain_unit
+
+    if root:
+        os.chdir(root)
+    cfg = from_dict(cfg_dict)
+    t0 = time.perf_counter()
+    ctx = _context(cfg, unit.dataset, unit.model)
+    sl = slice(unit.start, unit.stop)
+    keep = cfg.explain.sample_maps if unit.shard == 0 else 0
+    result = explain_unit(
+        ctx["model"], ctx["images"][sl], ctx["labels"][sl], ctx["test_idx"][sl], unit.method,
+        ctx["normalize"], transforms=cfg.explain.transforms, magnitudes=cfg.explain.magnitudes,
+        seed=cfg.explain.seed, random_model=ctx["random"], checkpoints=ctx["checkpoints"],
+        settings=cfg.explain.settings.get(unit.method, {}), batch_size=cfg.explain.batch_size,
+        keep_samples=keep,
+    )
+    buf = io.BytesIO()
+    result.pairs.to_parquet(buf, index=False)
+    atomic_write_bytes(unit.parquet, buf.getvalue())
+    if result.samples:
+        sbuf = io.BytesIO()
+        np.savez_compressed(sbuf, **result.samples)
+        atomic_write_bytes(unit.parquet.parent.parent / "samples.npz", sbuf.getvalue())
+    seconds = time.perf_counter() - t0
+    meta = {"fingerprint": unit.fingerprint, "sha256": sha256_file(unit.parquet),
+            "rows": len(result.pairs), "seconds": round(seconds, 3), "unit": asdict(unit)}
+    atomic_write_text(unit.sidecar, json.dumps(meta, indent=1, sort_keys=True))
+    return {"key": unit.key, "rows": len(result.pairs), "seconds": seconds}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _prune(units: list[Unit]) -> None:
+    """Remove shards and folders that the current params do not produce."""
+    wanted_dirs = {common.explain_dir(u.dataset, u.model, u.method) for u in units}
+    wanted_files = {u.parquet for u in units} | {u.sidecar for u in units}
+    if not common.EXPLAIN.exists():
+        return
+    for d in sorted(common.EXPLAIN.glob("*/*/*")):
+        if d.is_dir() and d not in wanted_dirs:
+            shutil.rmtree(d)
+    for d in wanted_dirs:
+        for f in (d / "shards").glob("*"):
+            if f not in wanted_files:
+                f.unlink()
+
+
+def merge(cfg: Config, units: list[Unit]) -> dict[tuple[str, str, str], pd.DataFrame]:
+    """Concatenate the shards of each (dataset, model, method) into pairs.parquet."""
+    tables: dict[tuple[str, str, str], list[pd.DataFrame]] = {}
+    for u in units:
+        tables.setdefault((u.dataset, u.model, u.method), []).append(pd.read_parquet(u.parquet))
+    out = {}
+    for (dataset, model, method), parts in tables.items():
+        df = pd.concat(parts, ignore_index=True)
+        df.insert(0, "saliency_method", method)
+        df.insert(0, "model", model)
+        df.insert(0, "dataset", dataset)
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        atomic_write_bytes(common.explain_dir(dataset, model, method) / "pairs.parquet",
+                           buf.getvalue())
+        out[(dataset, model, method)] = df
+    return out
+
+
+def run(cfg: Config, backend: str | None = None) -> None:
+    from cose import backends, scoring
+
+    units = plan(cfg)
+    _prune(units)
+    todo = [u for u in units if not shard_ok(u)]
+    done = len(units) - len(todo)
+    if done and todo:
+        log.info("explain: resumed: %d of %d units already done, %d to run",
+                 done, len(units), len(todo))
+    else:
+        log.info("explain: %d units, %d done, %d to run", len(units), done, len(todo))
+    executor = backends.get(backend)
+    t0 = time.perf_counter()
+    for i, res in enumerate(executor.run(compute_unit, todo, cfg.to_dict()), 1):
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / i * (len(todo) - i)
+        log.info("explain [%d/%d] %s: %d pairs in %.1fs (elapsed %.0fs, eta %.0fs)",
+                 i, len(todo), res["key"], res["rows"], res["seconds"], elapsed, eta)
+    bad = [u.key for u in units if not shard_ok(u)]
+    if bad:
+        raise RuntimeError(f"explain: {len(bad)} units did not produce a valid shard: {bad[:5]}")
+    tables = merge(cfg, units)
+
+    journal = Journal.for_config("explain", cfg)
+    journal.root_run.log_params(cfg.to_dict()["explain"], prefix="explain.")
+    journal.root_run.set_tags({"cose.backend": executor.name})
+    for (dataset, model, method), df in tables.items():
+        run_ = journal.run(f"{dataset}/{model}/{method}", f"explain {dataset}/{model}/{method}")
+        run_.log_params({"dataset": dataset, "model": model, "saliency_method": method})
+        run_.log_params(cfg.explain.settings.get(method, {}), prefix="settings.")
+        scores = scoring.score(df)
+        run_.log_metrics({k: v for k, v in scores.items() if isinstance(v, (int, float))})
+        run_.log_metrics({"pairs": len(df)})
+        run_.log_artifact(common.explain_dir(dataset, model, method) / "pairs.parquet")
+    journal.flush()

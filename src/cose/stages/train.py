@@ -1,0 +1,77 @@
+"""train: per (dataset, model), fit the classifier and save the checkpoints COSE needs.
+
+Writes checkpoints/<dataset>/<model>/: epoch_NNN.pt (intermediate epochs, for the mid-training
+sensitivity), final.pt, random.pt (the seeded random-init model) and metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+from cose import models
+from cose.config import Config
+from cose.io import atomic_write_text
+from cose.stages import common
+from cose.tracking import Journal
+
+log = logging.getLogger("cose.train")
+
+
+def train_one(cfg: Config, dataset: str, model_name: str, journal: Journal) -> dict:
+    from cose import data, training
+
+    dev = common.device()
+    nc = common.num_classes(cfg, dataset)
+    spec = models.preprocess(model_name)
+    tr_x, tr_y = data.load_split(dataset, cfg.data.root, "train", spec)
+    te_x, te_y = data.load_split(dataset, cfg.data.root, "test", spec)
+    if cfg.train.max_train_images is not None:
+        g = torch.Generator().manual_seed(cfg.seed)
+        keep = torch.randperm(len(tr_y), generator=g)[: cfg.train.max_train_images]
+        tr_x, tr_y = tr_x[keep], tr_y[keep]
+    out = common.ckpt_dir(dataset, model_name)
+    out.mkdir(parents=True, exist_ok=True)
+
+    random_model = models.create(model_name, nc, seed=cfg.seed + 1)
+    training.save_weights(random_model, out / "random.pt")
+
+    model = models.create(model_name, nc, seed=cfg.seed).to(dev)
+    run = journal.run(f"{dataset}/{model_name}", f"train {dataset}/{model_name}")
+    run.log_params({"dataset": dataset, "model": model_name, "num_classes": nc,
+                    "train_images": len(tr_y), "test_images": len(te_y), "device": str(dev)})
+    run.log_params(cfg.to_dict()["train"], prefix="train.")
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        run.log_metrics(metrics, step=epoch)
+        log.info("%s/%s epoch %d: %s", dataset, model_name, epoch,
+                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    history = training.fit(
+        model, tr_x, tr_y, te_x, te_y,
+        training.TrainConfig.from_config(cfg.train),
+        ckpt_dir=out, save_epochs=cfg.train.save_epochs, seed=cfg.seed,
+        normalize_fn=lambda x: models.normalize(x, model_name),
+        on_epoch=on_epoch, quiet=common.quiet(),
+    )
+    final = history[-1]
+    metrics = {"train_accuracy": final.get("train_acc"), "test_accuracy": final.get("val_acc"),
+               "epochs": cfg.train.epochs}
+    run.log_metrics({k: v for k, v in metrics.items() if v is not None})
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+def run(cfg: Config) -> None:
+    journal = Journal.for_config("train", cfg)
+    journal.root_run.log_params(cfg.to_dict()["train"], prefix="train.")
+    for dataset in cfg.datasets:
+        for model_name in cfg.models:
+            log.info("training %s on %s", model_name, dataset)
+            m = train_one(cfg, dataset, model_name, journal)
+            journal.root_run.log_metrics({f"{dataset}.{model_name}.test_accuracy":
+                                          m["test_accuracy"] or float("nan")})
+    journal.flush()
+
