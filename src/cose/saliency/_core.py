@@ -1,0 +1,130 @@
+"""Shared machinery of the saliency methods: input checks, the model guard, batched gradients."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+    """Device of the model's first parameter (or buffer); `fallback` for a stateless model."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return fallback
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Raise ValueError unless `images` is a finite float [B,C,H,W] tensor with B >= 1."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images: expected a torch.Tensor [B,C,H,W], got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"images: expected shape [B,C,H,W], got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("images: empty batch (B = 0)")
+    if not images.is_floating_point():
+        raise ValueError(f"images: expected a floating-point tensor, got {images.dtype}")
+    bad = ~torch.isfinite(images)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad.flatten(1).any(1)).flatten().tolist()
+        kind = "NaN" if bool(torch.isnan(images).any()) else "infinite values"
+        raise ValueError(f"images: contain {kind} (batch rows {rows[:8]})")
+
+
+def check_targets(targets, batch: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Targets as a long tensor [B] on `device`, and their maximum (for the class-count check)."""
+    t = torch.as_tensor(targets)
+    if t.dim() == 0:
+        t = t.reshape(1).expand(batch)
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(f"targets: expected shape [{batch}], got {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        if t.is_floating_point() and bool((t == t.round()).all()):
+            t = t.long()
+        else:
+            raise ValueError(f"targets: expected integer class indices, got {t.dtype}")
+    t = t.long()
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0:
+        raise ValueError(f"targets: class index {lo} out of range (must be >= 0)")
+    return t.to(device), hi
+
+
+def check_num_classes(logits: torch.Tensor, max_target: int) -> None:
+    """Raise ValueError if a target index is beyond the model's outputs."""
+    if logits.dim() != 2:
+        raise ValueError(
+            f"model output: expected logits [B, classes], got shape {tuple(logits.shape)}"
+        )
+    n = logits.shape[1]
+    if max_target >= n:
+        raise ValueError(
+            f"targets: class index {max_target} out of range for a model with {n} classes "
+            f"(allowed 0..{n - 1})"
+        )
+
+
+@contextlib.contextmanager
+def guarded(model: nn.Module) -> Iterator[None]:
+    """Run `model` in eval mode; restore every module's mode and every parameter's
+    requires_grad flag afterwards, exceptions included."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in flags:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+
+def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) pairs covering range(total) in pieces of at most `size`."""
+    for start in range(0, total, size):
+        yield start, min(total, start + size)
+
+
+def prob_grad(
+    model: nn.Module, x: torch.Tensor, targets: torch.Tensor, max_target: int
+) -> torch.Tensor:
+    """d softmax(model(x))[i, targets[i]] / d x[i], for every row i of x (one forward+backward)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        check_num_classes(logits, max_target)
+        prob = torch.softmax(logits.float(), dim=1)
+        sel = prob.gather(1, targets.view(-1, 1)).sum()
+        (grad,) = torch.autograd.grad(sel, x)
+    return grad
+
+
+def accumulate_grads(
+    model: nn.Module,
+    n_items: int,
+    make: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    reduce: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    owner: Callable[[torch.Tensor], torch.Tensor],
+    out: torch.Tensor,
+    max_target: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Batched path/sample loop shared by IG, SmoothGrad and BlurIG.
+
+    Items 0..n_items-1 (image x step pairs) are processed `batch_size` at a time:
+    `make(idx) -> (inputs, targets)`, gradient of the target probability,
+    `reduce(idx, inputs, grads) -> contributions`, summed into `out[owner(idx)]`.
+    """
+    device = out.device
+    for start, stop in chunks(n_items, batch_size):
+        idx = torch.arange(start, stop, device=device)
+        inputs, tg = make(idx)
+        grads = prob_grad(model, inputs, tg, max_target)
+        out.index_add_(0, owner(idx), reduce(idx, inputs, grads).to(out.dtype))
+    return out

@@ -1,0 +1,118 @@
+"""LIME as the `lime` package computes it, with the model calls batched across images.
+
+Per image, exactly lime_image.LimeImageExplainer(kernel_width=0.25, random_state=seed)
+.explain_instance(image, classifier_fn, hide_color=0, num_samples=samples, ...) followed by
+get_image_and_mask(target, positive_only=False, num_features=num_features):
+
+- `image` is the tensor the model receives (normalised), as HWC float64 numpy;
+- quickshift superpixels (lime's default: kernel_size=4, max_dist=200, ratio=0.2, seed drawn
+  from the explainer's RandomState), through lime's own SegmentationAlgorithm wrapper;
+- the same RandomState then draws the on/off matrix (row 0 all on); a hidden superpixel is set
+  to 0 (hide colour 0, in the normalised space the model sees);
+- classifier_fn = softmax of the model; here every perturbed image of every image in the call
+  goes through the model `batch_size` at a time on the model's device;
+- lime's LimeBase (cosine distances, kernel sqrt(exp(-d^2/0.25^2)), "auto" feature selection,
+  Ridge(alpha=1)) fits the explanation for the class `targets[i]` (the reference explained its
+  top label, which is the prediction it passed as target);
+- map: +1 / -1 on the `num_features` segments with the largest |weight| by sign, 0 elsewhere.
+
+Each image gets a fresh RandomState(seed), so a map does not depend on the batch it came in.
+Single-channel images are segmented as gray2rgb (as lime does); other channel counts on the
+channel mean.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from cose.saliency import _core
+from cose.saliency.postprocess import lime_mask
+
+KERNEL_WIDTH = 0.25
+
+
+def _kernel(d: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.exp(-(d**2) / KERNEL_WIDTH**2))
+
+
+def segment(image_hwc: np.ndarray, random_state: np.random.RandomState) -> np.ndarray:
+    """lime's default segmentation of one HWC image, consuming `random_state` as lime does."""
+    from lime.wrappers.scikit_image import SegmentationAlgorithm
+    from skimage.color import gray2rgb
+
+    if image_hwc.shape[2] == 3:
+        img = image_hwc
+    elif image_hwc.shape[2] == 1:
+        img = gray2rgb(image_hwc[..., 0])
+    else:
+        img = gray2rgb(image_hwc.mean(2))
+    random_seed = random_state.randint(0, high=1000)
+    seg = SegmentationAlgorithm(
+        "quickshift", kernel_size=4, max_dist=200, ratio=0.2, random_seed=random_seed
+    )
+    return seg(img)
+
+
+def compute(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    max_target: int,
+    *,
+    samples: int = 1000,
+    num_features: int = 10,
+    seed: int | None = 0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    import sklearn.metrics
+    from lime.lime_base import LimeBase
+
+    x = images.detach().float()
+    B, C, H, W = x.shape
+    dev = x.device
+    hwc = x.permute(0, 2, 3, 1).double().cpu().numpy()
+    states, segs, datas = [], [], []
+    for i in range(B):
+        rs = np.random.RandomState(0 if seed is None else int(seed))
+        seg = segment(hwc[i], rs)
+        n_feat = np.unique(seg).shape[0]
+        data = rs.randint(0, 2, samples * n_feat).reshape((samples, n_feat))
+        data[0, :] = 1
+        states.append(rs)
+        segs.append(seg)
+        datas.append(data)
+
+    f_max = max(d.shape[1] for d in datas)
+    onoff = torch.zeros((B, samples, f_max), dtype=torch.uint8)
+    for i, d in enumerate(datas):
+        onoff[i, :, : d.shape[1]] = torch.from_numpy(d.astype(np.uint8))
+    onoff = onoff.to(dev)
+    seg_t = torch.from_numpy(np.stack(segs).astype(np.int64))
+    seg_dev = seg_t.to(dev).view(B, 1, H * W)
+    probs = torch.empty(B * samples, dtype=torch.float64, device=dev)
+
+    with torch.inference_mode():
+        for start, stop in _core.chunks(B * samples, batch_size):
+            idx = torch.arange(start, stop, device=dev)
+            i, k = idx // samples, idx % samples
+            keep = torch.gather(onoff[i, k], 1, seg_dev[i, 0]).view(-1, 1, H, W).to(x.dtype)
+            logits = model(x[i] * keep)
+            _core.check_num_classes(logits, max_target)
+            p = torch.softmax(logits.float(), dim=1)
+            probs[start:stop] = p.gather(1, targets[i].view(-1, 1))[:, 0].double()
+    labels = probs.view(B, samples).cpu().numpy()
+
+    explanations = []
+    for i in range(B):
+        data = datas[i]
+        distances = sklearn.metrics.pairwise_distances(
+            data, data[0].reshape(1, -1), metric="cosine"
+        ).ravel()
+        base = LimeBase(_kernel, verbose=False, random_state=states[i])
+        _, exp, _, _ = base.explain_instance_with_data(
+            data, labels[i].reshape(-1, 1), distances, 0, 100000, feature_selection="auto"
+        )
+        explanations.append(exp)
+    return lime_mask(seg_t, explanations, num_features).to(images.device)
