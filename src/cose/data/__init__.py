@@ -1,0 +1,1 @@
+"""Datasets (placeholder; filled in below)."""

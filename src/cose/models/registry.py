@@ -1,0 +1,203 @@
+"""The architectures of the paper (and the small demo ones) over timm, with their preprocessing."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cose.data.image import PreprocessSpec
+
+from .heads import HEADS, set_head
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry: the timm architecture (name + overrides), how its inputs are
+    preprocessed, where its pretrained weights come from."""
+
+    name: str
+    timm_name: str
+    family: str  # resnet | vit | swin | convnext | vgg | densenet
+    arch: str  # architecture key: names with the same arch share weights layouts and shapes
+    preprocess: PreprocessSpec
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    pretraining: str = "supervised"  # supervised | dino | mocov3 | ibot | spark | none
+    hub: str | None = None  # timm hub tag for weights="hub"
+    description: str = ""
+
+
+_RESNET = PreprocessSpec(resize=224, crop=224, interpolation="bilinear")
+_256 = PreprocessSpec(resize=256, crop=224, interpolation="bilinear")
+_232 = PreprocessSpec(resize=232, crop=224, interpolation="bilinear")
+_DEMO = PreprocessSpec(resize=32, crop=32, interpolation="bilinear")
+
+# torchvision's stochastic depth defaults for the architectures the reference took from it
+_SWIN_T = {"drop_path_rate": 0.2}
+_CONVNEXT_S = {"drop_path_rate": 0.4}
+
+_DEMO_RESNET = dict(
+    layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16, output_stride=8
+)
+_DEMO_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
+_DEMO_CONVNEXT = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), patch_size=4, output_stride=8)
+_DEMO_SWIN = dict(
+    img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
+    drop_path_rate=0.0,
+)
+
+_SPECS: tuple[ModelSpec, ...] = (
+    ModelSpec("resnet50", "resnet50", "resnet", "resnet50", _RESNET, hub="resnet50.tv_in1k",
+              description="ResNet-50, ImageNet supervised"),
+    ModelSpec("resnet101", "resnet101", "resnet", "resnet101", _RESNET, hub="resnet101.tv_in1k",
+              description="ResNet-101, ImageNet supervised"),
+    ModelSpec("vit_b16", "vit_base_patch16_224", "vit", "vit_b16", _256,
+              hub="vit_base_patch16_224.augreg_in21k_ft_in1k", description="ViT-B/16"),
+    ModelSpec("vit_l16", "vit_large_patch16_224", "vit", "vit_l16", _256,
+              hub="vit_large_patch16_224.augreg_in21k_ft_in1k", description="ViT-L/16"),
+    ModelSpec("swin_t", "swin_tiny_patch4_window7_224", "swin", "swin_t_w7", _232, _SWIN_T,
+              hub="swin_tiny_patch4_window7_224.ms_in1k", description="Swin-T, window 7"),
+    ModelSpec("convnext_s", "convnext_small", "convnext", "convnext_s", _232, _CONVNEXT_S,
+              hub="convnext_small.fb_in1k", description="ConvNeXt-S"),
+    ModelSpec("vgg16", "vgg16", "vgg", "vgg16", _256, hub="vgg16.tv_in1k", description="VGG-16"),
+    ModelSpec("densenet121", "densenet121", "densenet", "densenet121", _256,
+              hub="densenet121.tv_in1k", description="DenseNet-121"),
+    ModelSpec("dino_resnet50", "resnet50", "resnet", "resnet50", _RESNET, pretraining="dino",
+              description="ResNet-50, DINO self-supervised"),
+    ModelSpec("dino_vit_b16", "vit_base_patch16_224", "vit", "vit_b16", _256, pretraining="dino",
+              hub="vit_base_patch16_224.dino", description="ViT-B/16, DINO self-supervised"),
+    ModelSpec("mocov3_resnet50", "resnet50", "resnet", "resnet50", _RESNET, pretraining="mocov3",
+              description="ResNet-50, MoCo v3 self-supervised"),
+    ModelSpec("mocov3_vit_b16", "vit_base_patch16_224", "vit", "vit_b16", _256,
+              pretraining="mocov3", description="ViT-B/16, MoCo v3 self-supervised"),
+    ModelSpec("ibot_vit_b16", "vit_base_patch16_224", "vit", "vit_b16", _256, pretraining="ibot",
+              description="ViT-B/16, iBOT self-supervised"),
+    ModelSpec("ibot_swin_t", "swin_tiny_patch4_window7_224", "swin", "swin_t_w14", _232,
+              {"window_size": 14, **_SWIN_T}, pretraining="ibot",
+              description="Swin-T, window 14, iBOT self-supervised"),
+    ModelSpec("spark_convnext_s", "convnext_small", "convnext", "convnext_s", _232, _CONVNEXT_S,
+              pretraining="spark", description="ConvNeXt-S, SparK self-supervised"),
+    ModelSpec("demo_resnet", "resnet18", "resnet", "demo_resnet", _DEMO, _DEMO_RESNET,
+              pretraining="none", description="small ResNet for 32 px demo data (CAM 4x4)"),
+    ModelSpec("demo_vit", "vit_tiny_patch16_224", "vit", "demo_vit", _DEMO, _DEMO_VIT,
+              pretraining="none", description="small ViT, patch 4 at 32 px (CAM 8x8)"),
+    ModelSpec("demo_convnext", "convnext_atto", "convnext", "demo_convnext", _DEMO, _DEMO_CONVNEXT,
+              pretraining="none", description="small ConvNeXt, output stride 8 (CAM 4x4)"),
+    ModelSpec("demo_swin", "swin_tiny_patch4_window7_224", "swin", "demo_swin", _DEMO, _DEMO_SWIN,
+              pretraining="none", description="small Swin, patch 2, window 4 (CAM 8x8)"),
+)
+REGISTRY: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
+DEMO_MODELS = ("demo_resnet", "demo_vit", "demo_convnext", "demo_swin")
+
+
+def names() -> list[str]:
+    """All registered model names."""
+    return list(REGISTRY)
+
+
+def get(name: str) -> ModelSpec:
+    """The registry entry of ``name``; ValueError naming the allowed names otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(REGISTRY)}") from None
+
+
+def preprocess(name: str) -> PreprocessSpec:
+    """Resize / crop / normalisation of ``name``'s inputs."""
+    return get(name).preprocess
+
+
+def normalize(images01: torch.Tensor, name_or_spec: str | PreprocessSpec) -> torch.Tensor:
+    """ImageNet-style normalisation of [0,1] images ``[B,3,H,W]`` (or ``[3,H,W]``) for a model."""
+    spec = preprocess(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
+    shape = (3, 1, 1)
+    mean = torch.as_tensor(spec.mean, dtype=images01.dtype, device=images01.device).view(shape)
+    std = torch.as_tensor(spec.std, dtype=images01.dtype, device=images01.device).view(shape)
+    return (images01 - mean) / std
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _build(spec: ModelSpec, num_classes: int, head: str, pretrained_tag: str | None) -> nn.Module:
+    import timm
+
+    kwargs = dict(spec.kwargs)
+    if pretrained_tag is None:
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+    else:
+        try:
+            model = timm.create_model(pretrained_tag, pretrained=True, num_classes=num_classes, **kwargs)
+        except Exception as e:  # noqa: BLE001 - network, hub or tag errors all end here
+            raise RuntimeError(
+                f"could not load timm hub weights {pretrained_tag!r} for {spec.name} "
+                f"(offline? pass a local checkpoint file instead): {e}"
+            ) from e
+    if head != "linear":
+        set_head(model, head, num_classes)
+    return model
+
+
+def create(
+    name: str,
+    num_classes: int,
+    weights: str | Path | Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    head: str | None = None,
+) -> nn.Module:
+    """Build ``name`` with a ``head`` ("linear" default, or "mlp" 1024-256-C) for ``num_classes``.
+
+    ``weights``: None (random init, deterministic given ``seed``); a local checkpoint file (or
+    an already loaded dict) in a published layout (timm / torchvision, DINO, MoCo v3, iBOT,
+    SparK, ConvNeXt) or a COSE training checkpoint; "hub" (the entry's timm tag) or
+    "hub:<timm tag>" when online. The model is returned in eval mode on the CPU.
+    """
+    from . import weights as W
+
+    spec = get(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if head is not None and head not in HEADS:
+        raise ValueError(f"head {head!r} not allowed; use one of {HEADS}")
+
+    tag = None
+    ckpt = None
+    source = "<state dict>"
+    if isinstance(weights, str) and (weights == "hub" or weights.startswith("hub:")):
+        tag = spec.hub if weights == "hub" else weights[4:]
+        if not tag:
+            raise ValueError(f"{name} has no timm hub tag; pass a local checkpoint file")
+    elif isinstance(weights, (str, Path)):
+        source = str(weights)
+        ckpt = W.read_checkpoint(weights)
+    elif isinstance(weights, Mapping):
+        ckpt = weights
+    elif weights is not None:
+        raise TypeError(f"weights must be None, a path, 'hub[:tag]' or a dict, got {type(weights)}")
+
+    if ckpt is not None and W.is_cose_checkpoint(ckpt):
+        head = W.check_cose_checkpoint(ckpt, spec, num_classes, head, source)
+    head = head or "linear"
+
+    with _seeded(seed):
+        model = _build(spec, num_classes, head, tag)
+    if ckpt is not None:
+        if W.is_cose_checkpoint(ckpt):
+            model.load_state_dict(ckpt["state_dict"])
+        else:
+            W.load_pretrained(model, ckpt, spec, source)
+    model.cose_meta = {"model": name, "arch": spec.arch, "num_classes": num_classes, "head": head}
+    return model.eval()
