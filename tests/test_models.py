@@ -95,7 +95,7 @@ def test_mlp_head_and_head_module():
     m = M.create("demo_resnet", 7, head="mlp", seed=0)
     head = M.head_module(m)
     assert isinstance(head, M.MLPHead)
-    assert [l.out_features for l in head if isinstance(l, nn.Linear)] == [1024, 256, 7]
+    assert [lin.out_features for lin in head if isinstance(lin, nn.Linear)] == [1024, 256, 7]
     assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
     for name in M.DEMO_MODELS:
         assert isinstance(M.head_module(M.create(name, 3, seed=0)), nn.Linear)

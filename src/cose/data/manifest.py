@@ -1,0 +1,135 @@
+"""Dataset folders: ``manifest.csv`` (path,label,split,width,height,mode,sha256) + ``classes.txt``.
+
+Both files are written sorted by path with LF line endings, into a dataset folder that is
+built under a temporary name and renamed into place (never a half-written ``data/NAME``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+MANIFEST = "manifest.csv"
+CLASSES = "classes.txt"
+MANIFEST_COLUMNS = ("path", "label", "split", "width", "height", "mode", "sha256")
+SPLITS = ("train", "test", "val")
+
+
+@dataclass(frozen=True)
+class Row:
+    path: str  # POSIX path relative to the dataset folder
+    label: int
+    split: str
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def image_info(path: str | Path) -> tuple[int, int, str]:
+    """(width, height, mode) read from the file header."""
+    with Image.open(path) as im:
+        return im.width, im.height, im.mode
+
+
+def write_manifest(folder: str | Path, rows: Iterable[Row], classes: Sequence[str]) -> Path:
+    """Write ``manifest.csv`` (sizes, modes and checksums read from the files) and
+    ``classes.txt`` into ``folder``."""
+    folder = Path(folder)
+    rows = sorted(rows, key=lambda r: r.path)
+    seen: set[str] = set()
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(MANIFEST_COLUMNS)
+    for r in rows:
+        if r.path in seen:
+            raise ValueError(f"duplicate manifest path {r.path!r}")
+        seen.add(r.path)
+        if not 0 <= r.label < len(classes):
+            raise ValueError(f"{r.path}: label {r.label} outside 0..{len(classes) - 1}")
+        if r.split not in SPLITS:
+            raise ValueError(f"{r.path}: split {r.split!r} not in {SPLITS}")
+        f = folder / r.path
+        width, height, mode = image_info(f)
+        w.writerow([r.path, r.label, r.split, width, height, mode, sha256_file(f)])
+    for name in classes:
+        if not name or "\n" in name or name != name.strip():
+            raise ValueError(f"bad class name {name!r}")
+    (folder / CLASSES).write_bytes(("\n".join(classes) + "\n").encode())
+    (folder / MANIFEST).write_bytes(buf.getvalue().encode())
+    return folder / MANIFEST
+
+
+def read_classes(folder: str | Path) -> list[str]:
+    return [c for c in (Path(folder) / CLASSES).read_text().splitlines() if c.strip()]
+
+
+def read_rows(folder: str | Path) -> list[dict[str, str]]:
+    """Manifest rows as dicts of strings, in file order."""
+    with open(Path(folder) / MANIFEST, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def split_fractions(n: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """Index lists of ``torch.utils.data.random_split(range(n), fractions, generator seeded
+    with seed)``: floor lengths, the remainder dealt round-robin, a seeded permutation cut in
+    order (the reference's Caltech101 split)."""
+    lengths = [int(n * f) for f in fractions]
+    for i in range(n - sum(lengths)):
+        lengths[i % len(lengths)] += 1
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    out, start = [], 0
+    for length in lengths:
+        out.append(perm[start : start + length])
+        start += length
+    return out
+
+
+def assign_splits(n: int, seed: int = 0, train_fraction: float = 0.8) -> list[str]:
+    """'train'/'test' for items 0..n-1: the seeded 80/20 split of ``split_fractions``."""
+    train, test = split_fractions(n, (train_fraction, 1 - train_fraction), seed)
+    out = [""] * n
+    for i in train:
+        out[i] = "train"
+    for i in test:
+        out[i] = "test"
+    return out
+
+
+@contextlib.contextmanager
+def building(target: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it replaces ``target``
+    (old contents removed only then), on error it is deleted."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} exists (use force to rebuild it)")
+    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
