@@ -1,0 +1,323 @@
+"""The reference's training recipe as parameters, with atomic checkpoints and exact resume.
+
+Recipe (REFERENCE.md): new head on a (pretrained) backbone, Adam (lr 8e-4, weight decay 1e-3 as
+L2), gradient-norm clipping 0.1, ReduceLROnPlateau on the validation loss, checkpoints at the
+chosen epochs. The backbone is fine-tuned or frozen (``freeze_backbone``: only the head trains
+and the backbone's norm layers stay in eval mode). On CUDA the forward runs under bf16
+autocast (``amp``). Epochs are numbered from 1.
+
+Files in ``ckpt_dir``: ``epoch_NNN.pt`` after each epoch in ``save_epochs``, ``last.pt`` (model,
+optimizer, scheduler, RNG states, history) after every epoch, ``final.pt`` at the end; all are
+written to a temporary name and renamed. ``epoch_NNN.pt`` / ``final.pt`` are COSE checkpoints
+that ``cose.models.create(name, C, weights=path)`` loads. When ``last.pt`` exists (an
+interrupted run) ``fit`` continues from it; the shuffling of epoch ``e`` is drawn from a
+generator seeded with ``(seed, e)`` and the global RNG state is restored, so a resumed run ends
+with the same weights as an uninterrupted one (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from cose.models import cose_checkpoint, head_module
+
+log = logging.getLogger("cose.training")
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+CLIP_MODES = ("norm", "value")
+PLATEAU_METRICS = ("val_loss", "val_acc", "train_loss")
+AUGMENTS = ("none", "flip")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training parameters (defaults: the reference recipe)."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 8e-4
+    weight_decay: float = 1e-3
+    grad_clip: float = 0.1  # 0 disables
+    grad_clip_mode: str = "norm"  # clip_grad_norm_ or clip_grad_value_
+    freeze_backbone: bool = False
+    head: str = "linear"  # informational here: the head is built by cose.models.create
+    optimizer: str = "adam"
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    plateau_metric: str = "val_loss"
+    augment: str = "none"  # none | flip (random horizontal flip)
+    amp: bool = True  # bf16 autocast on CUDA
+    eval_batch_size: int = 256
+    num_workers: int = 0  # DataLoader workers when the training set is a Dataset
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs", ">= 1"),
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.lr > 0, "lr", "> 0"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.grad_clip >= 0, "grad_clip", ">= 0"),
+            (self.grad_clip_mode in CLIP_MODES, "grad_clip_mode", f"one of {CLIP_MODES}"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
+            (0 < self.plateau_factor < 1, "plateau_factor", "in (0, 1)"),
+            (self.plateau_patience >= 0, "plateau_patience", ">= 0"),
+            (self.plateau_metric in PLATEAU_METRICS, "plateau_metric", f"one of {PLATEAU_METRICS}"),
+            (self.augment in AUGMENTS, "augment", f"one of {AUGMENTS}"),
+            (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
+        ]
+        for ok, key, allowed in checks:
+            if not ok:
+                raise ValueError(f"train.{key}: got {getattr(self, key)!r}, expected {allowed}")
+
+    @classmethod
+    def from_config(cls, obj: Any) -> TrainConfig:
+        """From any object or mapping with (a subset of) these fields; others are ignored."""
+        src = obj if isinstance(obj, dict) else {
+            f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)
+        }
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in src.items() if k in names})
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_weights(model: nn.Module, path: str | Path, **extra: Any) -> Path:
+    """Write ``model`` as a COSE checkpoint (loadable by ``cose.models.create``), atomically."""
+    return atomic_save(cose_checkpoint(model, **extra), path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------- batching
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def _batches(
+    images: torch.Tensor | Dataset, labels: torch.Tensor | None, order: torch.Tensor,
+    batch_size: int, num_workers: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(images, torch.Tensor):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield images[idx], labels[idx]
+    else:
+        loader = DataLoader(images, batch_size=batch_size, sampler=order.tolist(),
+                            num_workers=num_workers)
+        yield from loader
+
+
+def _size(images: torch.Tensor | Dataset) -> int:
+    return len(images)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, images: torch.Tensor | Dataset, labels: torch.Tensor | None,
+    normalize_fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 256, amp: bool = True,
+) -> dict[str, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` (left in eval mode)."""
+    device = next(model.parameters()).device
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    order = torch.arange(_size(images))
+    for x, y in _batches(images, labels, order, batch_size, 0):
+        x, y = x.to(device), y.to(device)
+        with _autocast(device, amp):
+            out = model(normalize_fn(x))
+        out = out.float()
+        loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=amp and device.type == "cuda")
+
+
+# -------------------------------------------------------------------------------------- fit
+
+
+def _trainable(model: nn.Module, freeze: bool) -> list[nn.Parameter]:
+    if not freeze:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return list(model.parameters())
+    head = head_module(model)
+    head_ids = {id(p) for p in head.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in head_ids)
+    return list(head.parameters())
+
+
+def _train_mode(model: nn.Module, freeze: bool) -> None:
+    if freeze:
+        model.eval()
+        head_module(model).train()
+    else:
+        model.train()
+
+
+def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def _fingerprint(model: nn.Module, cfg: TrainConfig, seed: int, save_epochs: tuple[int, ...],
+                 n_train: int) -> str:
+    return json.dumps({"cfg": dataclasses.asdict(cfg), "seed": seed, "save_epochs": save_epochs,
+                       "n_train": n_train, "model": getattr(model, "cose_meta", None)},
+                      sort_keys=True)
+
+
+def fit(
+    model: nn.Module,
+    train_images: torch.Tensor | Dataset,
+    train_labels: torch.Tensor | None,
+    val_images: torch.Tensor | Dataset | None,
+    val_labels: torch.Tensor | None,
+    cfg: TrainConfig,
+    ckpt_dir: str | Path,
+    save_epochs: Iterable[int] = (),
+    seed: int = 0,
+    normalize_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    quiet: bool = False,
+    resume: bool = True,
+) -> list[dict[str, float]]:
+    """Train ``model`` (on its device) per ``cfg``; returns the per-epoch history
+    (epoch, train_loss, train_acc, val_loss, val_acc, lr). Images are [0,1] tensors
+    ``[N,3,H,W]`` with int64 labels, or Datasets of ``(image, label)`` with labels None."""
+    ckpt_dir = Path(ckpt_dir)
+    save_epochs = tuple(sorted({int(e) for e in save_epochs}))
+    bad = [e for e in save_epochs if not 1 <= e <= cfg.epochs]
+    if bad:
+        raise ValueError(f"save_epochs {bad} outside 1..{cfg.epochs}")
+    n_train = _size(train_images)
+    if n_train == 0:
+        raise ValueError("no training images")
+    device = next(model.parameters()).device
+    params = _trainable(model, cfg.freeze_backbone)
+    opt = _optimizer(params, cfg)
+    mode = "max" if cfg.plateau_metric == "val_acc" else "min"
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode=mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+    fingerprint = _fingerprint(model, cfg, seed, save_epochs, n_train)
+    history: list[dict[str, float]] = []
+    start = 1
+    last = ckpt_dir / "last.pt"
+
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if resume and last.exists():
+            state = torch.load(last, map_location="cpu", weights_only=True)
+            if state.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"{last} belongs to another training run (model, params, seed or data differ);"
+                    " delete it or use another checkpoint folder"
+                )
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            history = list(state["history"])
+            start = int(state["epoch"]) + 1
+            log.info("resuming from %s after epoch %d", last, start - 1)
+
+        for epoch in range(start, cfg.epochs + 1):
+            _train_mode(model, cfg.freeze_backbone)
+            loss_sum, correct, seen = 0.0, 0, 0
+            order = _epoch_order(n_train, seed, epoch)
+            for x, y in _batches(train_images, train_labels, order, cfg.batch_size, cfg.num_workers):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if cfg.augment == "flip":
+                    flip = torch.rand(len(x), generator=None) < 0.5
+                    x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(-1), x)
+                with _autocast(device, cfg.amp):
+                    out = model(normalize_fn(x))
+                loss = nn.functional.cross_entropy(out.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    if cfg.grad_clip_mode == "norm":
+                        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    else:
+                        nn.utils.clip_grad_value_(params, cfg.grad_clip)
+                opt.step()
+                loss_sum += loss.item() * len(y)
+                correct += (out.detach().argmax(1) == y).sum().item()
+                seen += len(y)
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"training loss is not finite at epoch {epoch}")
+            metrics = {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+            if val_images is not None:
+                v = evaluate(model, val_images, val_labels, normalize_fn, cfg.eval_batch_size,
+                             cfg.amp)
+                metrics.update(val_loss=v["loss"], val_acc=v["acc"])
+            monitor = metrics.get(cfg.plateau_metric, metrics["train_loss"])
+            sched.step(monitor)
+            metrics["lr"] = float(opt.param_groups[0]["lr"])
+            history.append({"epoch": epoch, **metrics})
+            if epoch in save_epochs:
+                save_weights(model, ckpt_dir / f"epoch_{epoch:03d}.pt", epoch=epoch)
+            atomic_save({
+                "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": _rng_state(), "history": history,
+            }, last)
+            if not quiet:
+                log.info("epoch %d/%d: %s", epoch, cfg.epochs,
+                         ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+
+    save_weights(model, ckpt_dir / "final.pt", epoch=cfg.epochs, history=history)
+    model.eval()
+    return history
