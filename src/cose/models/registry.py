@@ -45,7 +45,9 @@ _DEMO_RESNET = dict(
     layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16, output_stride=8
 )
 _DEMO_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
-_DEMO_CONVNEXT = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), patch_size=4, output_stride=8)
+_DEMO_CONVNEXT = dict(
+    depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), patch_size=4, output_stride=8, conv_mlp=False
+)
 _DEMO_SWIN = dict(
     img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
     drop_path_rate=0.0,

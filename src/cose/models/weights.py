@@ -205,7 +205,8 @@ def _tv_swin(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             i, rest = int(m.group(1)), m.group(2)
             if i == 0:
-                k2 = {"0": "patch_embed.proj", "1": "patch_embed.norm"}[rest[0]] + rest[1:]
+                idx, _, tail = rest.partition(".")  # 0: conv, 1: permute, 2: norm
+                k2 = {"0": "patch_embed.proj.", "2": "patch_embed.norm."}.get(idx, f"features.0.{idx}.") + tail
             elif i % 2 == 0:  # patch merging before stage i // 2
                 k2 = f"layers.{i // 2}.downsample.{rest}"
             else:
