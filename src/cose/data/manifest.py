@@ -100,9 +100,9 @@ def split_fractions(n: int, fractions: Sequence[float], seed: int) -> list[list[
     return out
 
 
-def assign_splits(n: int, seed: int = 0, train_fraction: float = 0.8) -> list[str]:
+def assign_splits(n: int, seed: int = 0, fractions: tuple[float, float] = (0.8, 0.2)) -> list[str]:
     """'train'/'test' for items 0..n-1: the seeded 80/20 split of ``split_fractions``."""
-    train, test = split_fractions(n, (train_fraction, 1 - train_fraction), seed)
+    train, test = split_fractions(n, fractions, seed)
     out = [""] * n
     for i in train:
         out[i] = "train"
