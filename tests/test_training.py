@@ -121,3 +121,20 @@ def test_save_weights_atomic(tmp_path):
     T.save_weights(model, tmp_path / "w.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["w.pt"]
     assert M.create("demo_convnext", 2, weights=tmp_path / "w.pt").cose_meta["num_classes"] == 2
+
+
+def test_paper_presets_parse_with_the_reference_recipe():
+    from pathlib import Path
+
+    from cose import config
+
+    root = Path(__file__).resolve().parents[1] / "params" / "paper"
+    heads = {}
+    for ds in ("cifar10", "caltech101", "cub200", "eurosat", "oxford102"):
+        cfg = config.load(root / f"{ds}.yaml")
+        assert cfg.datasets == (ds,)
+        t = T.TrainConfig.from_config(cfg.train)
+        assert (t.epochs, t.lr, t.weight_decay, t.grad_clip) == (20, 8e-4, 1e-3, 0.1)
+        assert cfg.train.save_epochs == tuple(range(1, 20, 2))
+        heads[ds] = t.head
+    assert heads["cifar10"] == "mlp" and heads["cub200"] == "linear"
