@@ -23,7 +23,9 @@ __all__ = ["METHODS", "Method", "defaults", "explain", "get", "register", "regis
 
 METHODS = ("gradcam", "gradcampp", "ig", "smoothgrad", "blur_ig", "guided_ig", "lime")
 
-DEFAULT_BATCH_SIZE = 64
+# model inputs per call; None = by device: AUTO_BATCH_SIZE[device type], else "other"
+DEFAULT_BATCH_SIZE = None
+AUTO_BATCH_SIZE = {"cpu": 32, "other": 64}
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ def _check_settings(method: Method, settings: dict[str, Any]) -> dict[str, Any]:
         )
     out = {**allowed, **settings}
     for k, v in out.items():
+        if k == "batch_size" and v is None:
+            continue
         if k in _POSITIVE_INT:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{method.name}: {k}={v!r}; expected an integer >= 1")
@@ -152,7 +156,11 @@ def explain(
     _core.check_images(images)
     dev = _core.model_device(model, images.device)
     x = images.to(device=dev, dtype=torch.float32)
+    if x.is_inference():  # made under torch.inference_mode(): autograd cannot use it as is
+        x = x.clone()
     t, max_target = _core.check_targets(targets, x.shape[0], dev)
+    if params.get("batch_size", 0) is None:
+        params["batch_size"] = AUTO_BATCH_SIZE.get(dev.type, AUTO_BATCH_SIZE["other"])
     with _core.guarded(model):
         maps = spec.fn(model, x, t, max_target, **params)
     return maps.to(device=images.device, dtype=torch.float32)

@@ -1,0 +1,340 @@
+"""cose.saliency: API, settings, bad input, model hygiene, seeds, batching, architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from cose import saliency as S
+
+torch.set_num_threads(2)
+
+SIZE = 64  # resnet18's layer4 is 2x2 here (1x1 at 32 px would make every CAM constant)
+
+# cheap settings: the algorithms are the same, the paths shorter
+FAST = {
+    "gradcam": {},
+    "gradcampp": {},
+    "ig": {"steps": 5},
+    "smoothgrad": {"samples": 4},
+    "blur_ig": {"steps": 5},
+    "guided_ig": {"steps": 5},
+    "lime": {"samples": 30},
+}
+
+
+def _resnet(num_classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=num_classes).eval()
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    return _resnet()
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 3, SIZE, SIZE, generator=g), torch.tensor([0, 3, 9])
+
+
+# ----------------------------------------------------------------------------- registry, settings
+
+
+def test_methods_and_defaults_are_the_reference_settings():
+    assert S.METHODS == ("gradcam", "gradcampp", "ig", "smoothgrad", "blur_ig", "guided_ig", "lime")
+    assert S.defaults("ig")["steps"] == 25
+    assert S.defaults("smoothgrad") | {} == {"samples": 50, "noise": 0.15, "seed": 0,
+                                             "batch_size": S.DEFAULT_BATCH_SIZE}
+    assert {k: S.defaults("blur_ig")[k] for k in ("steps", "max_sigma", "grad_step")} == {
+        "steps": 100, "max_sigma": 50.0, "grad_step": 0.01}
+    assert {k: S.defaults("guided_ig")[k] for k in ("steps", "max_dist", "fraction")} == {
+        "steps": 200, "max_dist": 0.02, "fraction": 0.25}
+    assert {k: S.defaults("lime")[k] for k in ("samples", "num_features", "seed")} == {
+        "samples": 1000, "num_features": 10, "seed": 0}
+    for m in ("gradcam", "gradcampp"):
+        assert set(S.defaults(m)) == {"layer", "reshape", "batch_size"}
+    for m in S.METHODS:
+        assert "batch_size" in S.defaults(m)
+    d = S.defaults("ig")
+    d["steps"] = 1
+    assert S.defaults("ig")["steps"] == 25  # a copy
+
+
+def test_unknown_method_names_it(resnet, batch):
+    with pytest.raises(ValueError, match=r"unknown saliency method 'gradcam\+\+'.*gradcampp"):
+        S.explain("gradcam++", resnet, *batch)
+    with pytest.raises(ValueError, match="unknown saliency method 'nope'"):
+        S.defaults("nope")
+
+
+def test_unknown_setting_lists_allowed(resnet, batch):
+    with pytest.raises(ValueError, match=r"ig: unknown setting\(s\) samples; allowed: steps, batch_size"):
+        S.explain("ig", resnet, *batch, samples=3)
+
+
+@pytest.mark.parametrize(
+    "method,settings,pattern",
+    [
+        ("ig", {"steps": 0}, "steps=0"),
+        ("smoothgrad", {"noise": -1.0}, "noise=-1.0"),
+        ("lime", {"seed": 1.5}, "seed=1.5"),
+        ("guided_ig", {"fraction": 2.0}, "fraction"),
+        ("gradcam", {"batch_size": 0}, "batch_size=0"),
+    ],
+)
+def test_bad_setting_values(resnet, batch, method, settings, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        S.explain(method, resnet, *batch, **settings)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("method", S.METHODS)
+def test_target_out_of_range(resnet, batch, method):
+    x, _ = batch
+    layer = {"layer": resnet.layer4[-1]} if method.startswith("gradcam") else {}
+    with pytest.raises(ValueError, match=r"class index 10 out of range.*10 classes"):
+        S.explain(method, resnet, x, torch.tensor([0, 10, 1]), **layer, **FAST[method])
+
+
+def test_negative_or_misshapen_targets(resnet, batch):
+    x, _ = batch
+    with pytest.raises(ValueError, match="class index -1"):
+        S.explain("ig", resnet, x, torch.tensor([0, -1, 1]), steps=2)
+    with pytest.raises(ValueError, match=r"targets: expected shape \[3\]"):
+        S.explain("ig", resnet, x, torch.tensor([0, 1]), steps=2)
+    with pytest.raises(ValueError, match="integer class indices"):
+        S.explain("ig", resnet, x, torch.tensor([0.5, 1.0, 2.0]), steps=2)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "ig", "lime"])
+def test_nan_input_is_named(resnet, batch, method):
+    x, t = batch
+    x = x.clone()
+    x[1, 0, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"images: contain NaN \(batch rows \[1\]\)"):
+        S.explain(method, resnet, x, t)
+
+
+def test_bad_image_shape(resnet):
+    with pytest.raises(ValueError, match=r"images: expected shape \[B,C,H,W\]"):
+        S.explain("ig", resnet, torch.zeros(3, SIZE, SIZE), torch.tensor([0]))
+
+
+class _Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+def test_cam_without_known_layer_names_the_model(batch, method):
+    model = _Plain().eval()
+    with pytest.raises(ValueError, match="no known CAM layer for model _Plain.*layer="):
+        S.explain(method, model, *batch)
+    # an explicit layer works, by module or by name
+    a = S.explain(method, model, *batch, layer=model.conv)
+    b = S.explain(method, model, *batch, layer="conv")
+    assert torch.equal(a, b) and a.shape == (3, SIZE, SIZE)
+    with pytest.raises(ValueError, match="'nope' is not a submodule of _Plain"):
+        S.explain(method, model, *batch, layer="nope")
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("method", S.METHODS)
+def test_shapes_ranges_device(resnet, batch, method):
+    x, t = batch
+    m = S.explain(method, resnet, x, t, **FAST[method])
+    assert m.shape == (3, SIZE, SIZE) and m.dtype == torch.float32 and m.device == x.device
+    assert torch.isfinite(m).all()
+    if method == "lime":
+        assert set(m.unique().tolist()) <= {-1.0, 0.0, 1.0}
+        assert (m != 0).any()
+    else:
+        assert m.min() >= 0 and m.max() <= 1
+        assert m.max() > 0.5  # scaled to [0,1], not collapsed
+
+
+def test_inference_mode_tensors_accepted(resnet, batch):
+    x, _ = batch
+    with torch.inference_mode():
+        xi = x.clone()
+        ti = resnet(xi).argmax(1)
+    assert S.explain("ig", resnet, xi, ti, steps=2).shape == (3, SIZE, SIZE)
+
+
+# ----------------------------------------------------------------------------- model hygiene
+
+
+def _state(model: nn.Module):
+    return (
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        [p.grad for p in model.parameters()],
+        [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
+    )
+
+
+@pytest.mark.parametrize("method", S.METHODS)
+def test_model_left_as_it_was(batch, method):
+    model = _resnet()
+    model.train()
+    model.layer1.eval()  # mixed modes survive
+    for p in model.layer2.parameters():
+        p.requires_grad_(False)
+    before = _state(model)
+    bn = model.bn1.running_mean.clone()
+    S.explain(method, model, *batch, **FAST[method])
+    after = _state(model)
+    assert before[0] == after[0] and before[1] == after[1] and before[3] == after[3]
+    assert all(g is None for g in after[2])  # no .grad left on parameters
+    assert torch.equal(bn, model.bn1.running_mean)  # ran in eval mode: BN stats untouched
+
+
+@pytest.mark.parametrize("method", ["gradcam", "ig", "guided_ig", "lime"])
+def test_model_left_as_it_was_on_error(batch, method):
+    model = _resnet()
+    model.train()
+    before = _state(model)
+    with pytest.raises(ValueError, match="out of range"):
+        S.explain(method, model, batch[0], torch.tensor([0, 1, 12]), **FAST[method])
+    after = _state(model)
+    assert before[0] == after[0] and before[1] == after[1] and before[3] == after[3]
+
+
+# ----------------------------------------------------------------------------- seeds, batching
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "lime"])
+def test_same_seed_same_map(resnet, batch, method):
+    a = S.explain(method, resnet, *batch, seed=7, **FAST[method])
+    b = S.explain(method, resnet, *batch, seed=7, **FAST[method])
+    c = S.explain(method, resnet, *batch, seed=8, **FAST[method])
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("method", S.METHODS)
+def test_map_does_not_depend_on_batching(resnet, batch, method):
+    x, t = batch
+    full = S.explain(method, resnet, x, t, **FAST[method])
+    chunked = S.explain(method, resnet, x, t, **{**FAST[method], "batch_size": 2})
+    alone = S.explain(method, resnet, x[1:2], t[1:2], **FAST[method])
+    if method == "lime":
+        assert torch.equal(full, chunked) and torch.equal(full[1:2], alone)
+    elif method == "guided_ig":
+        # the path follows the lowest-|gradient| features: float noise of a different batch
+        # shape can flip a near-tie and move a whole step elsewhere
+        for a, b in [(full, chunked), (full[1:2], alone)]:
+            for i in range(a.shape[0]):
+                assert torch.corrcoef(torch.stack([a[i].flatten(), b[i].flatten()]))[0, 1] > 0.99
+    else:
+        torch.testing.assert_close(full, chunked, atol=2e-4, rtol=0)
+        torch.testing.assert_close(full[1:2], alone, atol=2e-4, rtol=0)
+
+
+def test_targets_select_the_class(resnet, batch):
+    x, _ = batch
+    a = S.explain("ig", resnet, x, torch.tensor([0, 0, 0]), steps=4)
+    b = S.explain("ig", resnet, x, torch.tensor([5, 5, 5]), steps=4)
+    assert not torch.allclose(a, b)
+
+
+def test_scalar_target_broadcasts(resnet, batch):
+    x, _ = batch
+    a = S.explain("gradcam", resnet, x, 4)
+    b = S.explain("gradcam", resnet, x, torch.tensor([4, 4, 4]))
+    assert torch.equal(a, b)
+
+
+def test_register_a_method(resnet, batch):
+    def ones(model, images, targets, max_target, *, scale=1.0):
+        return torch.full((images.shape[0], *images.shape[-2:]), scale)
+
+    S.register("test_ones", ones, {"scale": 1.0}, replace=True)
+    try:
+        m = S.explain("test_ones", resnet, *batch, scale=0.5)
+        assert torch.equal(m, torch.full((3, SIZE, SIZE), 0.5))
+        assert "test_ones" in S.registered()
+        with pytest.raises(ValueError, match="already registered"):
+            S.register("test_ones", ones, {})
+    finally:
+        S._REGISTRY.pop("test_ones", None)
+
+
+# ----------------------------------------------------------------------------- architectures
+
+
+def _tv_vit() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=SIZE, patch_size=8, num_layers=2, num_heads=2,
+                             hidden_dim=32, mlp_dim=64, num_classes=10)
+
+
+def _tv_swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                           window_size=[4, 4], num_classes=10)
+
+
+def _timm(name: str, **kw):
+    timm = pytest.importorskip("timm")
+    return timm.create_model(name, pretrained=False, num_classes=10, **kw)
+
+
+ARCHS = {
+    "tv_resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "tv_vit": _tv_vit,
+    "tv_swin": _tv_swin,
+    "tv_convnext": lambda: torchvision.models.convnext.ConvNeXt(
+        [torchvision.models.convnext.CNBlockConfig(16, 32, 1),
+         torchvision.models.convnext.CNBlockConfig(32, None, 1)], num_classes=10),
+    "tv_vgg11": lambda: torchvision.models.vgg11(num_classes=10),
+    "tv_densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+    "timm_resnet": lambda: _timm("resnet10t"),
+    "timm_vit": lambda: _timm("vit_tiny_patch16_224", img_size=SIZE, patch_size=8, depth=2),
+    "timm_swin": lambda: _timm("swin_tiny_patch4_window7_224", img_size=SIZE, window_size=4,
+                               depths=(1, 1), num_heads=(2, 4), embed_dim=16),
+    "timm_convnext": lambda: _timm("convnext_atto"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "ig"])
+def test_architectures_resolve_their_cam_layer(arch, method):
+    pytest.importorskip("cose.models")
+    torch.manual_seed(0)
+    model = ARCHS[arch]().eval()
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([1, 2])
+    m = S.explain(method, model, x, t, **FAST[method])
+    assert m.shape == (2, SIZE, SIZE) and torch.isfinite(m).all()
+    assert m.min() >= 0 and m.max() <= 1
+    assert not any(len(mod._forward_hooks) for mod in model.modules())
+
+
+def test_registry_demo_models_work_with_every_method():
+    M = pytest.importorskip("cose.models")
+    for name in getattr(M, "DEMO_MODELS", ()):
+        model = M.create(name, 10, seed=0)
+        size = M.preprocess(name).crop
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        for method in S.METHODS:
+            m = S.explain(method, model, x, torch.tensor([0, 1]), **FAST[method])
+            assert m.shape == (2, size, size), (name, method)
