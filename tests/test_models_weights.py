@@ -205,10 +205,16 @@ def test_facebook_convnext_layout(tmp_path):
     assert torch.equal(m.head.norm.weight, src.head.norm.weight)
 
 
-def test_spark_convnext_timm_style(tmp_path):
+def test_spark_convnext_layouts(tmp_path):
     src = M.create("demo_convnext", 3, seed=7)
-    path = _save(tmp_path, {"module": _headless(src.state_dict(), "head.fc.")})
+    path = _save(tmp_path, {"module": _headless(src.state_dict(), "head.fc.")})  # timm style
     _same_backbone(src, M.create("demo_convnext", 4, weights=path), "head.fc.")
+    # SparK's encoder (FB layout, built with num_classes=0): no final norm, no classifier
+    fb = _to_fb_convnext(_headless(src.state_dict(), "head."))
+    assert not [k for k in fb if k.startswith(("norm.", "head."))]
+    m = M.create("demo_convnext", 4, weights=_save(tmp_path, fb, "spark.pth"), seed=0)
+    _same_backbone(src, m, "head.")
+    assert torch.equal(m.head.norm.weight, torch.ones(128))  # keeps its init
 
 
 def test_torchvision_convnext_layout_parity():
@@ -275,5 +281,5 @@ def test_torchvision_vgg_layout_parity(tmp_path):
 
     tv = tvm.vgg16(num_classes=3).eval()
     m = M.create("vgg16", 3, weights=_save(tmp_path, tv.state_dict())).eval()
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(1, 3, 64, 64)  # both pool the 2x2 features to 7x7 before the classifier
     torch.testing.assert_close(m(x), tv(x), rtol=1e-4, atol=1e-4)

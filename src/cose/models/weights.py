@@ -47,6 +47,9 @@ _STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
 _IGNORABLE = re.compile(
     r"(relative_position_index|attn_mask|masked_embed|mask_token|relative_coords_table)"
 )
+# parts a pretraining checkpoint may lack; they keep their init (SparK's ConvNeXt encoder has no
+# final norm: it is built with num_classes=0)
+_MAY_BE_MISSING = {"convnext": ("head.norm.",)}
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -273,7 +276,10 @@ def to_timm_layout(sd: dict[str, torch.Tensor], family: str, model: nn.Module) -
         if any(k.startswith("downsample_layers.") for k in sd):
             from timm.models.convnext import checkpoint_filter_fn
 
-            return checkpoint_filter_fn(sd, model)
+            try:
+                return checkpoint_filter_fn(sd, model)
+            except KeyError as e:
+                raise ValueError(f"unexpected ConvNeXt checkpoint key {e}") from None
     if family == "vgg" and any(k.startswith("classifier.") for k in sd):
         from timm.models.vgg import _filter_fn
 
@@ -302,8 +308,9 @@ def load_pretrained(model: nn.Module, ckpt: Any, spec: Any, source: str = "<chec
         head_ckpt[k].shape == head_model[k].shape for k in head_ckpt
     )
     body = {k: v for k, v in sd.items() if not k.startswith(head_prefix)}
+    optional = _MAY_BE_MISSING.get(spec.family, ())
     missing = [k for k in target if not k.startswith(head_prefix) and k not in body
-               and not k.endswith("num_batches_tracked")]
+               and not k.endswith("num_batches_tracked") and not k.startswith(optional)]
     unexpected = [k for k in body if k not in target and not _IGNORABLE.search(k)
                   and not _is_pretraining_head(k)]
     mismatched = [
