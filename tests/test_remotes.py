@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cose.remote import RemoteError, check_remote
+from cose.remote import RemoteError, check_remote, default_remote
 
 pytestmark = pytest.mark.slow
 
@@ -257,6 +257,7 @@ def aws_env(monkeypatch, home):
 
 
 def test_check_remote_accepts_good_settings(source, s3, aws_env):
+    assert default_remote(source) == "team"
     aws_env.setenv("AWS_ACCESS_KEY_ID", s3["key"])
     aws_env.setenv("AWS_SECRET_ACCESS_KEY", s3["secret"])
     aws_env.setenv("AWS_ENDPOINT_URL_S3", s3["url"])
@@ -327,3 +328,5 @@ def test_check_remote_local_directory_and_unknown_name(source, tmp_path, aws_env
     with pytest.raises(RemoteError, match=r"^remote 'nope' is not configured \(configured: "
                                           r"local, team\)"):
         check_remote("nope", root=source)
+    with pytest.raises(RemoteError, match=r"^remote 'team': not inside a DVC repository"):
+        check_remote("team", root=tmp_path)

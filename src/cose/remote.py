@@ -29,15 +29,32 @@ class RemoteError(RuntimeError):
     """A DVC remote is not configured, not reachable or refuses our credentials."""
 
 
-def remote_config(name: str, root: str | Path | None = None) -> dict[str, Any]:
-    """The merged DVC config of remote `name` (relative local paths made absolute)."""
+def _open_repo(root: str | Path | None, name: str):
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
     try:
-        repo = Repo(str(root) if root is not None else None, uninitialized=False)
+        return Repo(str(root) if root is not None else None, uninitialized=False)
     except NotDvcRepoError as exc:
         raise RemoteError(f"remote {name!r}: not inside a DVC repository ({exc})") from None
+
+
+def default_remote(root: str | Path | None = None) -> str:
+    """The name of the DVC default remote (`core.remote`)."""
+    repo = _open_repo(root, "(default)")
+    try:
+        name = repo.config.get("core", {}).get("remote")
+    finally:
+        repo.close()
+    if not name:
+        raise RemoteError("no default DVC remote; name one, or set it with "
+                          "`dvc remote default NAME`")
+    return str(name)
+
+
+def remote_config(name: str, root: str | Path | None = None) -> dict[str, Any]:
+    """The merged DVC config of remote `name` (relative local paths made absolute)."""
+    repo = _open_repo(root, name)
     try:
         remotes = dict(repo.config.get("remote", {}))
     finally:
