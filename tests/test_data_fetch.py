@@ -208,6 +208,7 @@ def test_fetch_cifar10(server, tmp_path):
     assert np.array_equal(got, expected)
     x, y = D.load_split("cifar10", tmp_path / "data", "test", SPEC)
     assert x.shape == (3, 3, 16, 16) and y.tolist() == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cifar10"]  # no downloads
 
 
 def test_cifar_pickle_with_code_is_refused(server, tmp_path):
@@ -269,8 +270,11 @@ def test_fetch_from_local_source_folder(tmp_path):
     www = tmp_path / "downloaded"
     www.mkdir()
     arc = _eurosat_archive(www)
-    folder = D.fetch("eurosat", tmp_path / "data", source=www, checksums={arc.name: _md5(arc)})
+    folder = D.fetch("eurosat", tmp_path / "data", source=www, checksums={arc.name: _md5(arc)},
+                     keep_downloads=True)
     assert len(D.read_rows(folder)) == 10
+    assert (tmp_path / "data" / ".downloads" / "eurosat" / "EuroSAT.zip").is_file()
+    assert arc.is_file()
 
 
 def test_fetch_checksum_mismatch_leaves_no_dataset(server, tmp_path):

@@ -10,6 +10,7 @@ scikit-learn, deterministically; the others: downloaded, checksum-verified, safe
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,11 +78,14 @@ def fetch(
     source: str | Path | None = None,
     mirror: str | None = None,
     checksums: dict[str, str] | None = None,
+    keep_downloads: bool = False,
 ) -> Path:
     """Materialise ``root/name`` and return it. An existing dataset folder is kept unless
     ``force``. ``source``: the image folder for ``imagefolder``, or a folder already holding
     the downloaded files for the others; ``mirror``: base URL replacing the public one;
-    ``checksums``: ``{filename: "md5:..."|"sha256:..."}`` overrides (repackaged mirrors)."""
+    ``checksums``: ``{filename: "md5:..."|"sha256:..."}`` overrides (repackaged mirrors).
+    Downloads are cached in ``root/.downloads/name`` and removed after a successful build
+    unless ``keep_downloads`` (so a DVC-tracked ``root`` holds only the dataset folders)."""
     _check_name(name)
     root = Path(root)
     target = root / name
@@ -118,6 +122,10 @@ def fetch(
             ) from e
     with building(target, force=True) as out:
         src.prepare(raw, out)
+    if not keep_downloads:
+        shutil.rmtree(raw, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            raw.parent.rmdir()  # only when empty
     return target
 
 

@@ -34,6 +34,12 @@ class Source:
     splits: tuple[str, ...] = ("train", "test")
 
 
+def _extract_fresh(archive: Path, work: Path) -> Path:
+    """Extract into an emptied ``work`` folder (no leftovers of an interrupted attempt)."""
+    shutil.rmtree(work, ignore_errors=True)
+    return extract(archive, work)
+
+
 def _save_pnm(array: np.ndarray, path: Path) -> None:
     """Uncompressed binary PGM (gray) / PPM (RGB): the same bytes with any Pillow/zlib."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +99,7 @@ def _load_batch(path: Path) -> dict:
 
 def prepare_cifar10(raw: Path, out: Path) -> None:
     work = raw / "extracted"
-    extract(raw / "cifar-10-python.tar.gz", work)
+    _extract_fresh(raw / "cifar-10-python.tar.gz", work)
     base = work / "cifar-10-batches-py"
     classes = list(_load_batch(base / "batches.meta")["label_names"])
     rows = []
@@ -130,7 +136,7 @@ def _random_split_folder(base: Path, out_prefix: str, skip: tuple[str, ...] = ()
 
 def prepare_caltech101(raw: Path, out: Path) -> None:
     work = raw / "extracted"
-    extract(raw / "caltech-101.zip", work)
+    _extract_fresh(raw / "caltech-101.zip", work)
     inner = work / "caltech-101" / "101_ObjectCategories.tar.gz"
     extract(inner if inner.exists() else work / "101_ObjectCategories.tar.gz", work)
     shutil.move(str(work / "101_ObjectCategories"), out / "images")
@@ -145,7 +151,7 @@ def prepare_caltech101(raw: Path, out: Path) -> None:
 
 def prepare_eurosat(raw: Path, out: Path) -> None:
     work = raw / "extracted"
-    extract(raw / "EuroSAT.zip", work)
+    _extract_fresh(raw / "EuroSAT.zip", work)
     shutil.move(str(work / "2750"), out / "images")
     shutil.rmtree(work)
     rows, classes = _random_split_folder(out / "images", "images")
@@ -157,7 +163,7 @@ def prepare_eurosat(raw: Path, out: Path) -> None:
 
 def prepare_cub200(raw: Path, out: Path) -> None:
     work = raw / "extracted"
-    extract(raw / "CUB_200_2011.tgz", work)
+    _extract_fresh(raw / "CUB_200_2011.tgz", work)
     base = work / "CUB_200_2011"
 
     def table(name: str) -> dict[int, str]:
@@ -184,7 +190,7 @@ def prepare_oxford102(raw: Path, out: Path) -> None:
     from scipy.io import loadmat
 
     work = raw / "extracted"
-    extract(raw / "102flowers.tgz", work)
+    _extract_fresh(raw / "102flowers.tgz", work)
     shutil.move(str(work / "jpg"), out / "images")
     shutil.rmtree(work)
     labels = np.asarray(loadmat(raw / "imagelabels.mat", squeeze_me=True)["labels"]).reshape(-1)
