@@ -1,0 +1,299 @@
+"""cose.similarity against skimage's structural_similarity and scipy's spearmanr.
+
+Tolerances: SSIM within 1e-4 of skimage (float32 maps; 1e-9 on float64), Spearman within
+1e-6 of scipy (measured: ~1e-8 and ~1e-15). The masked SSIM reference is the mean of
+skimage's full SSIM image over the mask eroded by scipy.ndimage.binary_erosion with a 5x5
+square (outside the image counts as False).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import binary_erosion, gaussian_filter
+from scipy.stats import spearmanr
+from skimage.metrics import structural_similarity
+
+from cose import transforms as T
+from cose.similarity import erode_mask, spearman, ssim
+
+torch.set_num_threads(1)
+
+SSIM_TOL = 1e-4
+SPEARMAN_TOL = 1e-6
+SEEDS = [0, 1, 2]
+
+
+def ref_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    rng = max(np.ptp(a), np.ptp(b))
+    if rng == 0:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mean, full = structural_similarity(a, b, win_size=5, data_range=rng, full=True)
+    if mask is None:
+        return float(mean)
+    eroded = binary_erosion(mask, structure=np.ones((5, 5), bool))
+    return float(full[eroded].mean()) if eroded.any() else float("nan")
+
+
+def ref_spearman(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    if a.size < 2:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(spearmanr(a.ravel(), b.ravel()).statistic)
+
+
+def check(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, ssim_tol=SSIM_TOL):
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    tm = torch.from_numpy(mask) if mask is not None else None
+    s = ssim(ta, tb, tm)
+    r = spearman(ta, tb, tm)
+    assert s.shape == (a.shape[0],) and r.shape == (a.shape[0],)
+    for i in range(a.shape[0]):
+        mi = mask[i] if mask is not None else None
+        want_s = ref_ssim(a[i], b[i], mi)
+        want_r = ref_spearman(a[i], b[i], mi)
+        if np.isnan(want_s):
+            assert torch.isnan(s[i]), i
+        else:
+            assert abs(float(s[i]) - want_s) <= ssim_tol, (i, float(s[i]), want_s)
+        if np.isnan(want_r):
+            assert torch.isnan(r[i]), i
+        else:
+            assert abs(float(r[i]) - want_r) <= SPEARMAN_TOL, (i, float(r[i]), want_r)
+    return s, r
+
+
+def varied_maps(rng: np.random.Generator, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of smooth, noisy, sparse-with-ties, LIME-like, clipped and shifted/scaled maps."""
+    a = np.empty((n, h, w))
+    b = np.empty((n, h, w))
+    for i in range(n):
+        kind = i % 7
+        base = rng.random((h, w))
+        if kind == 0:  # smooth, GradCAM-like
+            x = gaussian_filter(base, 4)
+            y = gaussian_filter(base + 0.5 * rng.random((h, w)), 4)
+        elif kind == 1:  # noisy
+            x = base
+            y = 0.5 * base + 0.5 * rng.random((h, w))
+        elif kind == 2:  # sparse with many ties (zeros) and quantised values
+            x = np.where(base > 0.8, np.round(base * 10) / 10, 0.0)
+            y = np.where(rng.random((h, w)) > 0.7, np.round(rng.random((h, w)) * 4) / 4, 0.0)
+        elif kind == 3:  # LIME-like {-1, 0, 1}
+            x = rng.choice([-1.0, 0.0, 1.0], size=(h, w), p=[0.1, 0.8, 0.1])
+            y = np.where(rng.random((h, w)) > 0.5, x, 0.0)
+        elif kind == 4:  # gradient maps clipped at the 99th percentile (ties at the top)
+            x = np.minimum(base**3, np.quantile(base**3, 0.99))
+            y = np.minimum(base**2, np.quantile(base**2, 0.95))
+        elif kind == 5:  # very different per-sample ranges and offsets
+            x = 1e-3 * base
+            y = 50.0 + 7.0 * gaussian_filter(rng.random((h, w)), 2)
+        else:  # negatives, anti-correlated
+            x = base - 0.5
+            y = -x + 0.05 * rng.standard_normal((h, w))
+        a[i], b[i] = x, y
+    return a, b
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("size", [(224, 224), (31, 47), (64, 20)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_unmasked_matches_reference(seed, size, dtype):
+    rng = np.random.default_rng(seed)
+    a, b = varied_maps(rng, 7, *size)
+    tol = 1e-9 if dtype == np.float64 else SSIM_TOL
+    check(a.astype(dtype), b.astype(dtype), ssim_tol=tol)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("size", [(224, 224), (40, 57)])
+def test_masked_matches_reference(seed, size):
+    """Random masks, geometric valid masks, near-empty and full masks."""
+    rng = np.random.default_rng(10 + seed)
+    a, b = varied_maps(rng, 7, *size)
+    masks = np.empty(a.shape, dtype=bool)
+    masks[0] = rng.random(size) > 0.3
+    masks[1] = T.valid_mask("Rotate", [float(rng.choice(T.magnitude_grid("Rotate")))], *size)[
+        0
+    ].numpy()
+    masks[2] = T.valid_mask("TranslateX", [-20.0], *size)[0].numpy()
+    masks[3] = True
+    masks[4] = False
+    masks[4][5:12, 5:13] = True  # small block: eroded to a few pixels
+    masks[5] = T.valid_mask("TranslateY", [27.7], *size)[0].numpy()
+    masks[6] = False
+    masks[6][0, 0] = True  # one pixel: Spearman and SSIM undefined
+    for dtype in (np.float64, np.float32):
+        tol = 1e-9 if dtype == np.float64 else SSIM_TOL
+        s, r = check(a.astype(dtype), b.astype(dtype), masks, ssim_tol=tol)
+        assert torch.isnan(s[6]) and torch.isnan(r[6])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_batch_with_different_ranges_is_per_sample(seed):
+    rng = np.random.default_rng(20 + seed)
+    a, b = varied_maps(rng, 7, 48, 48)
+    scale = 10.0 ** rng.uniform(-3, 3, size=(7, 1, 1))
+    shift = rng.uniform(-100, 100, size=(7, 1, 1))
+    a, b = a * scale + shift, b * scale + shift
+    s_all, r_all = check(a, b)
+    for i in range(7):  # the batch gives the same per-sample values as one by one
+        s1 = ssim(torch.from_numpy(a[i : i + 1]), torch.from_numpy(b[i : i + 1]))
+        r1 = spearman(torch.from_numpy(a[i : i + 1]), torch.from_numpy(b[i : i + 1]))
+        torch.testing.assert_close(s1[0], s_all[i], equal_nan=True, rtol=0, atol=1e-12)
+        torch.testing.assert_close(r1[0], r_all[i], equal_nan=True, rtol=0, atol=1e-12)
+
+
+def test_all_true_mask_equals_no_mask():
+    rng = np.random.default_rng(3)
+    a, b = (torch.from_numpy(x) for x in varied_maps(rng, 7, 50, 60))
+    full = torch.ones(a.shape, dtype=torch.bool)
+    torch.testing.assert_close(ssim(a, b, full), ssim(a, b), equal_nan=True)
+    torch.testing.assert_close(spearman(a, b, full), spearman(a, b), equal_nan=True)
+
+
+def test_erode_mask_border_counts_as_outside():
+    m = torch.ones(1, 9, 11, dtype=torch.bool)
+    e = erode_mask(m)
+    assert e.sum() == (9 - 4) * (11 - 4) and bool(e[0, 2:-2, 2:-2].all())
+    want = binary_erosion(m[0].numpy(), structure=np.ones((5, 5), bool))
+    assert np.array_equal(e[0].numpy(), want)
+
+
+def test_constant_maps():
+    """Both constant: data range 0, SSIM NaN (deliberate; see docs/metric.md). One constant:
+    SSIM defined (skimage's value), Spearman NaN (scipy's)."""
+    rng = np.random.default_rng(0)
+    const = np.full((1, 32, 32), 0.25)
+    other = rng.random((1, 32, 32))
+    s = ssim(torch.from_numpy(const), torch.from_numpy(const.copy()))
+    assert torch.isnan(s).all()
+    assert torch.isnan(ssim(torch.zeros(2, 8, 8), torch.zeros(2, 8, 8))).all()
+    check(const, other)
+    check(other, const)
+    assert torch.isnan(spearman(torch.from_numpy(const), torch.from_numpy(other))).all()
+
+
+def test_nonfinite_values_give_nan_for_that_sample_only():
+    a = torch.rand(3, 16, 16, dtype=torch.float64)
+    b = torch.rand(3, 16, 16, dtype=torch.float64)
+    a[1, 3, 3] = float("nan")
+    b[2, 0, 0] = float("inf")
+    s, r = ssim(a, b), spearman(a, b)
+    assert torch.isnan(s[1:]).all() and torch.isnan(r[1:]).all()
+    assert abs(float(s[0]) - ref_ssim(a[0].numpy(), b[0].numpy())) < 1e-9
+    assert abs(float(r[0]) - ref_spearman(a[0].numpy(), b[0].numpy())) < 1e-12
+
+
+def test_signed_zeros_tie_and_large_maps_use_exact_ranks():
+    """-0.0 and 0.0 are one value; 224x224 float32 maps take the radix-sort path."""
+    rng = np.random.default_rng(5)
+    a = np.where(rng.random((2, 224, 224)) > 0.5, 0.0, rng.standard_normal((2, 224, 224)))
+    a[0][a[0] == 0.0] = -0.0
+    a[0, :5, :5] = -0.0
+    b = rng.standard_normal((2, 224, 224))
+    check(a.astype(np.float32), b.astype(np.float32))
+    positive = a.copy()
+    positive[positive == 0] = 0.0  # +0.0 everywhere
+    assert np.signbit(a[0, 0, 0]) and not np.signbit(positive[0, 0, 0])
+    tb = torch.from_numpy(b).float()
+    assert torch.equal(
+        spearman(torch.from_numpy(a).float(), tb), spearman(torch.from_numpy(positive).float(), tb)
+    )
+
+
+def test_identical_and_reversed_maps():
+    x = torch.rand(2, 30, 30, dtype=torch.float64)
+    torch.testing.assert_close(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(spearman(x, x), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(spearman(x, -x), -torch.ones(2, dtype=torch.float64))
+
+
+def test_outputs_on_input_device_and_dtype():
+    a = torch.rand(4, 20, 20)
+    out = ssim(a, a * 0.5)
+    assert out.dtype == torch.float64 and out.device == a.device
+    assert spearman(a, a * 0.5).dtype == torch.float64
+
+
+def test_bad_input():
+    a = torch.rand(2, 16, 16)
+    with pytest.raises(ValueError, match=r"a \(2, 16, 16\) vs b \(2, 16, 17\)"):
+        ssim(a, torch.rand(2, 16, 17))
+    with pytest.raises(ValueError, match=r"a \(2, 16, 16\) vs b \(3, 16, 16\)"):
+        spearman(a, torch.rand(3, 16, 16))
+    with pytest.raises(
+        ValueError, match=r"mask shape \(2, 16, 15\) does not match maps \(2, 16, 16\)"
+    ):
+        ssim(a, a, torch.ones(2, 16, 15, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask shape"):
+        spearman(a, a, torch.ones(16, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="torch.bool"):
+        ssim(a, a, torch.ones(2, 16, 16))
+    with pytest.raises(ValueError, match=r"\[B,H,W\]"):
+        spearman(a[0], a[0])
+    with pytest.raises(ValueError, match="smaller than the 5x5 window"):
+        ssim(torch.rand(1, 4, 10), torch.rand(1, 4, 10))
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        ssim(a.numpy(), a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(0)
+    a, b = (torch.from_numpy(x).float() for x in varied_maps(rng, 7, 224, 224))
+    mask = torch.from_numpy(rng.random(a.shape) > 0.2)
+    for m in (None, mask):
+        s_cpu, r_cpu = ssim(a, b, m), spearman(a, b, m)
+        mg = m.cuda() if m is not None else None
+        s_gpu, r_gpu = ssim(a.cuda(), b.cuda(), mg), spearman(a.cuda(), b.cuda(), mg)
+        assert s_gpu.device.type == "cuda"
+        torch.testing.assert_close(s_gpu.cpu(), s_cpu, atol=1e-5, rtol=0, equal_nan=True)
+        torch.testing.assert_close(r_gpu.cpu(), r_cpu, atol=1e-9, rtol=0, equal_nan=True)
+
+
+def test_shared_original_expanded_matches_per_pair():
+    """``a = original.expand(B,H,W)`` (one original, many variants) takes the shared-rank path
+    on CPU float32; results equal the per-pair computation and scipy."""
+    rng = np.random.default_rng(8)
+    a, b = varied_maps(rng, 7, 224, 224)
+    original = torch.from_numpy(a[2]).float()  # sparse map with ties
+    variants = torch.from_numpy(b).float()
+    shared = original.expand(7, 224, 224)
+    assert shared.stride(0) == 0
+    fast = spearman(shared, variants)
+    slow = spearman(shared.contiguous(), variants)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12, equal_nan=True)
+    check(shared.contiguous().numpy(), variants.numpy())
+    mask = torch.from_numpy(rng.random((7, 224, 224)) > 0.3)
+    torch.testing.assert_close(
+        spearman(shared, variants, mask),
+        spearman(shared.contiguous(), variants, mask),
+        rtol=0,
+        atol=1e-12,
+        equal_nan=True,
+    )
+    torch.testing.assert_close(ssim(shared, variants), ssim(shared.contiguous(), variants))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_torch_rank_path_matches_scipy(monkeypatch, masked):
+    """The torch ranking path (GPU, float64) on float32 CPU maps, against scipy."""
+    import cose.similarity as sim
+
+    monkeypatch.setattr(sim, "_use_numpy", lambda x: False)
+    rng = np.random.default_rng(12)
+    a, b = varied_maps(rng, 7, 200, 190)
+    mask = rng.random(a.shape) > 0.25 if masked else None
+    check(a.astype(np.float32), b.astype(np.float32), mask)
