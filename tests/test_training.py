@@ -38,7 +38,7 @@ def test_fit_history_and_checkpoints(tmp_path):
     assert all(isinstance(v, float) for _, m in seen for v in m.values())
     assert hist[-1]["val_acc"] > 0.5  # the signal is easy
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["epoch_001.pt", "epoch_002.pt", "final.pt", "last.pt"]
+    assert names == ["epoch_001.pt", "epoch_002.pt", "final.pt"]  # last.pt only while running
     back = M.create("demo_resnet", 3, weights=tmp_path / "final.pt")
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k])
@@ -71,7 +71,9 @@ def test_resume_after_interruption_gives_same_weights(tmp_path):
 
 
 def test_resume_refuses_other_run(tmp_path):
-    _fit(tmp_path, M.create("demo_resnet", 3, seed=0), T.TrainConfig(epochs=2, batch_size=32))
+    _fit(tmp_path, M.create("demo_resnet", 3, seed=0), T.TrainConfig(epochs=2, batch_size=32),
+         keep_last=True)
+    assert (tmp_path / "last.pt").exists()
     with pytest.raises(ValueError, match="another training run"):
         _fit(tmp_path, M.create("demo_resnet", 3, seed=0), T.TrainConfig(epochs=2, batch_size=16))
 

@@ -7,8 +7,8 @@ and the backbone's norm layers stay in eval mode). On CUDA the forward runs unde
 autocast (``amp``). Epochs are numbered from 1.
 
 Files in ``ckpt_dir``: ``epoch_NNN.pt`` after each epoch in ``save_epochs``, ``last.pt`` (model,
-optimizer, scheduler, RNG states, history) after every epoch, ``final.pt`` at the end; all are
-written to a temporary name and renamed. ``epoch_NNN.pt`` / ``final.pt`` are COSE checkpoints
+optimizer, scheduler, RNG states, history) after every epoch, ``final.pt`` at the end (then
+``last.pt`` is removed unless ``keep_last``); all are written to a temporary name and renamed. ``epoch_NNN.pt`` / ``final.pt`` are COSE checkpoints
 that ``cose.models.create(name, C, weights=path)`` loads. When ``last.pt`` exists (an
 interrupted run) ``fit`` continues from it; the shuffling of epoch ``e`` is drawn from a
 generator seeded with ``(seed, e)`` and the global RNG state is restored, so a resumed run ends
@@ -231,10 +231,13 @@ def fit(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     quiet: bool = False,
     resume: bool = True,
+    keep_last: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``model`` (on its device) per ``cfg``; returns the per-epoch history
     (epoch, train_loss, train_acc, val_loss, val_acc, lr). Images are [0,1] tensors
-    ``[N,3,H,W]`` with int64 labels, or Datasets of ``(image, label)`` with labels None."""
+    ``[N,3,H,W]`` with int64 labels, or Datasets of ``(image, label)`` with labels None.
+    ``last.pt`` (resume state, with the optimizer's moments) is removed once ``final.pt`` is
+    written unless ``keep_last``."""
     ckpt_dir = Path(ckpt_dir)
     save_epochs = tuple(sorted({int(e) for e in save_epochs}))
     bad = [e for e in save_epochs if not 1 <= e <= cfg.epochs]
@@ -319,5 +322,7 @@ def fit(
                 on_epoch(epoch, metrics)
 
     save_weights(model, ckpt_dir / "final.pt", epoch=cfg.epochs, history=history)
+    if not keep_last:
+        last.unlink(missing_ok=True)
     model.eval()
     return history

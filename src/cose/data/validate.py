@@ -84,10 +84,12 @@ _GX: dict[str, Any] = {}
 def _batch_definition():
     """The cached ephemeral context's whole-dataframe batch definition."""
     if "bd" not in _GX:
-        for name in ("great_expectations", "great_expectations._docs_decorators"):
-            logging.getLogger(name).setLevel(logging.ERROR)
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        # GX pins some of its loggers to INFO on import; quiet them after it
+        for name in ("great_expectations", "great_expectations.data_context.types.base"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         ctx = gx.get_context(mode="ephemeral")
         ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
