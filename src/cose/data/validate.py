@@ -84,11 +84,15 @@ _GX: dict[str, Any] = {}
 def _batch_definition():
     """The cached ephemeral context's whole-dataframe batch definition."""
     if "bd" not in _GX:
+        # GX logs at INFO while importing and pins one logger to INFO on import: quiet both
+        noisy = ("great_expectations", "great_expectations._docs_decorators",
+                 "great_expectations.data_context.types.base")
+        for name in noisy:
+            logging.getLogger(name).setLevel(logging.WARNING)
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        # GX pins some of its loggers to INFO on import; quiet them after it
-        for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        for name in noisy:
             logging.getLogger(name).setLevel(logging.WARNING)
 
         ctx = gx.get_context(mode="ephemeral")
