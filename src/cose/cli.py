@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, help="output folder with --reference-outputs")
 
     sub.add_parser("log", help="replay MLflow logs left pending by a tracking outage")
+    rem = sub.add_parser(
+        "remote", help="DVC remotes: `check [NAME]` tests endpoint, credentials and bucket"
+    )
+    rsub = rem.add_subparsers(dest="remote_command", required=True, metavar="ACTION")
+    rchk = rsub.add_parser(
+        "check", help="one cheap request with the remote's DVC settings; one-line error naming it"
+    )
+    rchk.add_argument("name", nargs="?", default=None,
+                      help="remote name (default: the DVC default remote)")
     ui = sub.add_parser("ui", help="MLflow UI on the project store (mlruns/)")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1")
@@ -113,7 +122,18 @@ def _run(args: argparse.Namespace) -> int:
         print(scoring.paper_table_markdown(summary))
         return 0
 
+    if args.command == "remote":
+        from cose.remote import check_remote, default_remote
+
+        name = args.name or default_remote()
+        check_remote(name)
+        print(f"remote {name!r}: ok")
+        return 0
+
     cfg = _load(args)
+    if args.command in ("validate", "train", "explain"):
+        for dataset in cfg.datasets:  # fail before any work starts
+            common.data_dir(cfg, dataset)
     if args.command == "validate":
         from cose.stages import validate
 
