@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .download import ChecksumError, Resource, UnsafeArchiveError, download, extract
+from .download import ChecksumError, Resource, UnsafeArchiveError, download, extract, verify
 from .image import PreprocessSpec, load_image, open_rgb, to_rgb
-from .manifest import MANIFEST, MANIFEST_COLUMNS, read_classes, read_rows, sha256_file
+from .manifest import MANIFEST, MANIFEST_COLUMNS, building, read_classes, read_rows, sha256_file
 from .sources import SOURCES
 
 __all__ = [
@@ -91,8 +91,6 @@ def fetch(
     target = root / name
     if (target / MANIFEST).is_file() and not force:
         return target
-    from .manifest import building
-
     src = SOURCES[name]()
     if name == "imagefolder":
         if source is None:
@@ -106,8 +104,6 @@ def fetch(
         checksum = (checksums or {}).get(res.filename, res.checksum)
         local = Path(source) / res.filename if source is not None else None
         if local is not None and local.is_file():
-            from .download import verify
-
             verify(local, checksum)
             if local.resolve() != (raw / res.filename).resolve():
                 shutil.copyfile(local, raw / res.filename)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import os
 import shutil
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+
+from .download import file_digest
 
 MANIFEST = "manifest.csv"
 CLASSES = "classes.txt"
@@ -33,12 +34,8 @@ class Row:
     split: str
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: str | Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def image_info(path: str | Path) -> tuple[int, int, str]:

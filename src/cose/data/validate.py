@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from .image import CONVERTED_MODES
-from .manifest import CLASSES, MANIFEST, MANIFEST_COLUMNS, SPLITS, sha256_file
+from .manifest import CLASSES, MANIFEST, MANIFEST_COLUMNS, SPLITS, read_classes, sha256_file
 
 PAIR_COLUMNS = (
     "dataset", "model", "saliency_method", "test_idx", "target_class", "pred_class",
@@ -251,7 +251,7 @@ def validate_dataset(folder: str | Path, check_files: bool = True, check_hashes:
         report.failures.append(Failure("classes", f"{folder / CLASSES} is missing"))
         num_classes = 0
     else:
-        num_classes = len([c for c in (folder / CLASSES).read_text().splitlines() if c.strip()])
+        num_classes = len(read_classes(folder))
         if num_classes == 0:
             report.failures.append(Failure("classes", f"{folder / CLASSES} lists no classes"))
     try:
