@@ -1,0 +1,571 @@
+"""COSE scoring: consistency / fidelity / sensitivity / COSE from the per-pair table.
+
+Aggregation follows shared/REFERENCE.md (the reference's compile script):
+
+- records whose original prediction is wrong (``target_class != pred_class``) are dropped;
+- consistency rows: ``t_pred_class == target_class`` and a geometric or photometric transform;
+- fidelity rows: ``t_pred_class != target_class`` (any transform type, ``random`` and
+  ``mid_ckpt_*`` included);
+- every metric is the mean SSIM over its rows; ``sensitivity = 1 - overall_fidelity``;
+  ``cose = sqrt(overall_consistency * sensitivity)`` (the reference's geometric mean) and
+  ``cose_hmean`` their harmonic mean (extra column).
+
+Deliberate deviation: a NaN SSIM (both maps constant) is skipped by the means and counted in
+``n_nan_ssim``; the reference's plain mean would make the whole metric NaN. A metric with no
+rows is NaN with count 0. Also here: reading the reference's own result CSVs, the paper's
+table layout, breakdowns per transform and magnitude for the report, atomic summary writing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cose.transforms import GEOMETRIC, PHOTOMETRIC, TRANSFORMS
+
+__all__ = [
+    "METRICS",
+    "MEAN_METRICS",
+    "PAIR_COLUMNS",
+    "GROUP_COLUMNS",
+    "REFERENCE_COLUMNS",
+    "REFERENCE_METHOD_DIRS",
+    "METHOD_ORDER",
+    "METHOD_DISPLAY",
+    "transform_family",
+    "score",
+    "summarize",
+    "breakdown_by_transform",
+    "breakdown_by_magnitude",
+    "read_reference_outputs",
+    "compile_reference_outputs",
+    "paper_table_markdown",
+    "write_summary",
+    "display_dataset",
+    "display_model",
+]
+
+MEAN_METRICS: tuple[str, ...] = (
+    "geom_consistency",
+    "photo_consistency",
+    "overall_consistency",
+    "geom_fidelity",
+    "photo_fidelity",
+    "img_fidelity",
+    "random_fidelity",
+    "midckpt_fidelity",
+    "model_fidelity",
+    "overall_fidelity",
+)
+METRICS: tuple[str, ...] = MEAN_METRICS + ("sensitivity", "cose", "cose_hmean")
+
+PAIR_COLUMNS: tuple[str, ...] = (
+    "dataset",
+    "model",
+    "saliency_method",
+    "test_idx",
+    "target_class",
+    "pred_class",
+    "transform_type",
+    "transform_magnitude",
+    "t_pred_class",
+    "ssim",
+    "spearman",
+)
+GROUP_COLUMNS: tuple[str, ...] = ("saliency_method", "dataset", "model")
+REFERENCE_COLUMNS: tuple[str, ...] = (
+    "test_idx",
+    "target_class",
+    "pred_class",
+    "transform_type",
+    "tranform_magnitude",  # sic: the reference's spelling
+    "t_pred_class",
+    "ssim",
+    "spearman",
+)
+REFERENCE_METHOD_DIRS: dict[str, str] = {
+    "blur_ig": "blur_ig",
+    "gradcam": "gradcam",
+    "gradcamPP": "gradcampp",
+    "guided_ig": "guided_ig",
+    "ig": "ig",
+    "lime": "lime",
+    "smoothgrad": "smoothgrad",
+}
+METHOD_ORDER: tuple[str, ...] = (
+    "blur_ig",
+    "gradcam",
+    "gradcampp",
+    "guided_ig",
+    "ig",
+    "lime",
+    "smoothgrad",
+)
+METHOD_DISPLAY: dict[str, str] = {
+    "blur_ig": "BlurIG",
+    "gradcam": "GradCAM",
+    "gradcampp": "GradCAM++",
+    "guided_ig": "GuidedIG",
+    "ig": "IG",
+    "lime": "LIME",
+    "smoothgrad": "SmoothGrad",
+}
+_DATASET_DISPLAY = {
+    "caltech101": "Caltech101",
+    "cifar10": "CIFAR10",
+    "cub200": "CUB200",
+    "cub": "CUB200",
+    "eurosat": "EuroSAT",
+    "oxford102": "Oxford102",
+    "digits": "Digits",
+}
+_MODEL_DISPLAY = {
+    "convnext": "ConvNext",
+    "convnexts": "ConvNext-S",
+    "convnextsmall": "ConvNext-S",
+    "resnet50": "ResNet50",
+    "resnet101": "ResNet101",
+    "swint": "Swin-T",
+    "swin": "Swin-T",
+    "vit": "ViT",
+    "vitb16": "ViT-B/16",
+    "vitl16": "ViT-L/16",
+    "vgg16": "VGG16",
+    "densenet121": "DenseNet121",
+}
+_MIDCKPT = re.compile(r"^mid_ckpt(_[A-Za-z0-9]+)*$")
+_RESULTS_NAME = re.compile(r"^results_(\d+)_(\d+)\.csv$")
+_FAMILIES = ("geometric", "photometric", "random", "mid_ckpt")
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def display_dataset(name: str) -> str:
+    """Paper spelling of a dataset name (``cifar10`` -> ``CIFAR10``); unknown names unchanged."""
+    return _DATASET_DISPLAY.get(_key(name), str(name))
+
+
+def display_model(name: str) -> str:
+    """Paper spelling of a model name (``swin_t`` -> ``Swin-T``); unknown names unchanged."""
+    return _MODEL_DISPLAY.get(_key(name), str(name))
+
+
+def transform_family(name: str) -> str:
+    """``geometric``, ``photometric``, ``random`` or ``mid_ckpt``; ValueError otherwise."""
+    if name in GEOMETRIC:
+        return "geometric"
+    if name in PHOTOMETRIC:
+        return "photometric"
+    if name == "random":
+        return "random"
+    if isinstance(name, str) and _MIDCKPT.match(name):
+        return "mid_ckpt"
+    raise ValueError(
+        f"unknown transform_type {name!r}; allowed: {', '.join(TRANSFORMS)}, random, mid_ckpt_eNNN"
+    )
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _require(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(f"{what}: expected a pandas DataFrame, got {type(frame).__name__}")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what}: missing columns {missing}; have {list(frame.columns)}")
+
+
+def _families(types: pd.Series) -> pd.Series:
+    """Family per row; ValueError naming the first row with an unknown transform type."""
+    mapping = {}
+    for value in pd.unique(types):
+        try:
+            mapping[value] = transform_family(value)
+        except ValueError as err:
+            row = types.index[types.eq(value) if value == value else types.isna()][0]
+            raise ValueError(f"row {row}: {err}") from None
+    return types.map(mapping)
+
+
+def _kept(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose original prediction is right, with ``family`` and ``changed`` columns."""
+    kept = pairs.loc[pairs["target_class"] == pairs["pred_class"]].copy()
+    kept["family"] = _families(kept["transform_type"])
+    kept["changed"] = kept["t_pred_class"] != kept["target_class"]
+    return kept
+
+
+def _selections(kept: pd.DataFrame) -> dict[str, pd.Series]:
+    fam = kept["family"]
+    changed = kept["changed"]
+    geo = fam == "geometric"
+    photo = fam == "photometric"
+    rand = fam == "random"
+    mid = fam == "mid_ckpt"
+    cons = ~changed & (geo | photo)
+    return {
+        "geom_consistency": cons & geo,
+        "photo_consistency": cons & photo,
+        "overall_consistency": cons,
+        "geom_fidelity": changed & geo,
+        "photo_fidelity": changed & photo,
+        "img_fidelity": changed & (geo | photo),
+        "random_fidelity": changed & rand,
+        "midckpt_fidelity": changed & mid,
+        "model_fidelity": changed & (rand | mid),
+        "overall_fidelity": changed,
+    }
+
+
+def _combine(consistency: float, sensitivity: float) -> tuple[float, float]:
+    """(geometric mean, harmonic mean); NaN where undefined (NaN input, negative product)."""
+    prod = consistency * sensitivity
+    cose = math.sqrt(prod) if prod >= 0 else float("nan")  # NaN fails the comparison too
+    total = consistency + sensitivity
+    hmean = 2 * prod / total if total != 0 and not math.isnan(total) else float("nan")
+    return cose, hmean
+
+
+def score(pairs: pd.DataFrame, column: str = "ssim") -> dict[str, float]:
+    """Every metric of REFERENCE.md from one per-pair table (one method/dataset/model).
+
+    Returns the :data:`METRICS` plus ``n_<metric>`` for the ten means (non-NaN rows behind
+    each), ``n_nan_<column>`` (NaN rows that would have entered a mean), ``n_pairs`` and
+    ``n_misclassified`` (rows dropped because target != pred). ``column`` picks the similarity
+    (``ssim``, the reference's choice, or ``spearman``).
+    """
+    _require(
+        pairs,
+        ("target_class", "pred_class", "transform_type", "t_pred_class", column),
+        "score",
+    )
+    kept = _kept(pairs)
+    values = pd.to_numeric(kept[column], errors="coerce").astype(float)
+    bad = kept[column].notna() & values.isna()
+    if bad.any():
+        row = bad.index[bad][0]
+        raise ValueError(f"score: row {row}: {column} {kept.at[row, column]!r} is not a number")
+    out: dict[str, float] = {}
+    sel = _selections(kept)
+    for metric in MEAN_METRICS:
+        v = values[sel[metric]]
+        v = v[v.notna()]
+        out[metric] = float(v.mean()) if len(v) else float("nan")
+        out[f"n_{metric}"] = int(len(v))
+    out["sensitivity"] = 1.0 - out["overall_fidelity"]
+    out["cose"], out["cose_hmean"] = _combine(out["overall_consistency"], out["sensitivity"])
+    used = sel["overall_consistency"] | sel["overall_fidelity"]
+    out[f"n_nan_{column}"] = int((values.isna() & used).sum())
+    out["n_pairs"] = int(len(pairs))
+    out["n_misclassified"] = int(len(pairs) - len(kept))
+    return out
+
+
+def _count_columns(column: str) -> list[str]:
+    return [f"n_{m}" for m in MEAN_METRICS] + [f"n_nan_{column}", "n_pairs", "n_misclassified"]
+
+
+def _group_order(frame: pd.DataFrame) -> pd.DataFrame:
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    keys = frame.assign(
+        _m=frame["saliency_method"].map(lambda m: rank.get(m, len(rank))),
+        _mn=frame["saliency_method"].astype(str),
+        _d=frame["dataset"].map(lambda d: display_dataset(d).lower()),
+        _o=frame["model"].map(lambda o: display_model(o).lower()),
+    )
+    keys = keys.sort_values(["_m", "_mn", "_d", "_o"], kind="stable")
+    return keys.drop(columns=["_m", "_mn", "_d", "_o"]).reset_index(drop=True)
+
+
+def summarize(pairs: pd.DataFrame, column: str = "ssim") -> pd.DataFrame:
+    """One row per (saliency_method, dataset, model): the metrics and their counts."""
+    _require(pairs, GROUP_COLUMNS, "summarize")
+    rows = []
+    for keys, group in pairs.groupby(list(GROUP_COLUMNS), sort=False, dropna=False):
+        row = dict(zip(GROUP_COLUMNS, keys))
+        try:
+            row.update(score(group, column))
+        except ValueError as err:
+            raise ValueError(f"{'/'.join(map(str, keys))}: {err}") from None
+        rows.append(row)
+    cols = list(GROUP_COLUMNS) + list(METRICS) + _count_columns(column)
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    return _group_order(pd.DataFrame(rows, columns=cols))
+
+
+# --------------------------------------------------------------------------- breakdowns
+
+
+def _breakdown(pairs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    _require(
+        pairs, ("target_class", "pred_class", "transform_type", "t_pred_class", "ssim"), "breakdown"
+    )
+    group_cols = [c for c in GROUP_COLUMNS if c in pairs.columns]
+    kept = _kept(pairs)
+    kept["ssim"] = pd.to_numeric(kept["ssim"], errors="coerce").astype(float)
+    image = kept["family"].isin(("geometric", "photometric"))
+    cons = image & ~kept["changed"]
+    fid = kept["changed"]
+    kept["_cons"] = kept["ssim"].where(cons)
+    kept["_fid"] = kept["ssim"].where(fid)
+    kept["_nan"] = kept["ssim"].isna() & (cons | fid)
+    agg = {
+        "family": ("family", "first"),
+        "n_pairs": ("ssim", "size"),
+        "changed_rate": ("changed", "mean"),
+        "consistency": ("_cons", "mean"),
+        "n_consistency": ("_cons", "count"),
+        "fidelity": ("_fid", "mean"),
+        "n_fidelity": ("_fid", "count"),
+        "n_nan_ssim": ("_nan", "sum"),
+    }
+    if "spearman" in kept.columns:
+        sp = pd.to_numeric(kept["spearman"], errors="coerce").astype(float)
+        kept["_cons_sp"] = sp.where(cons)
+        kept["_fid_sp"] = sp.where(fid)
+        agg["consistency_spearman"] = ("_cons_sp", "mean")
+        agg["fidelity_spearman"] = ("_fid_sp", "mean")
+    by = group_cols + keys
+    if kept.empty:
+        return pd.DataFrame(columns=by + list(agg))
+    out = kept.groupby(by, sort=False, dropna=False).agg(**agg).reset_index()
+    fam_rank = {f: i for i, f in enumerate(_FAMILIES)}
+    tf_rank = {t: i for i, t in enumerate(TRANSFORMS)}
+    order = out.assign(
+        _f=out["family"].map(fam_rank),
+        _t=out["transform_type"].map(lambda t: tf_rank.get(t, len(tf_rank))),
+        _tn=out["transform_type"].astype(str),
+    )
+    sort_cols = group_cols + ["_f", "_t", "_tn"] + keys[1:]
+    order = order.sort_values(sort_cols, kind="stable")
+    out = order.drop(columns=["_f", "_t", "_tn"]).reset_index(drop=True)
+    for c in ("n_pairs", "n_consistency", "n_fidelity", "n_nan_ssim"):
+        out[c] = out[c].astype(int)
+    return out
+
+
+def breakdown_by_transform(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, dataset, model, transform_type): mean SSIM of consistency rows
+    (``consistency``, image transforms only) and of fidelity rows (``fidelity``), counts,
+    ``changed_rate`` (share of variants whose prediction differs from the label), Spearman
+    means where the table has them. Misclassified originals dropped as in :func:`score`."""
+    return _breakdown(pairs, ["transform_type"])
+
+
+def breakdown_by_magnitude(pairs: pd.DataFrame) -> pd.DataFrame:
+    """As :func:`breakdown_by_transform`, one row per (transform_type, transform_magnitude)."""
+    _require(pairs, ("transform_magnitude",), "breakdown_by_magnitude")
+    return _breakdown(pairs, ["transform_type", "transform_magnitude"])
+
+
+# --------------------------------------------------------------------------- reference outputs
+
+
+def _numeric(frame: pd.DataFrame, column: str, path: Path, *, integer: bool, required: bool):
+    raw = frame[column]
+    values = pd.to_numeric(raw, errors="coerce")
+    bad = raw.notna() & values.isna()
+    if required:
+        bad |= raw.isna()
+    if integer:
+        finite = values.notna() & np.isfinite(values.astype(float))
+        bad |= values.notna() & ~(finite & (values.astype(float) % 1 == 0))
+    if bad.any():
+        i = bad.index[bad][0]
+        kind = "an integer" if integer else "a number"
+        raise ValueError(
+            f"{path}: line {i + 2}: column {column!r} must be {kind}, got {raw.at[i]!r}"
+        )
+    return values.astype("int64") if integer else values.astype(float)
+
+
+def _read_reference_csv(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype=str, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"{path}: empty file, expected a header {','.join(REFERENCE_COLUMNS)}"
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable CSV ({err})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if "tranform_magnitude" not in frame.columns and "transform_magnitude" in frame.columns:
+        frame = frame.rename(columns={"transform_magnitude": "tranform_magnitude"})
+    missing = [c for c in REFERENCE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing columns {missing}; expected {','.join(REFERENCE_COLUMNS)}"
+        )
+    out = pd.DataFrame(index=frame.index)
+    for col in ("test_idx", "target_class", "pred_class", "t_pred_class"):
+        out[col] = _numeric(frame, col, path, integer=True, required=True)
+    types = frame["transform_type"].str.strip()
+    for value in pd.unique(types):
+        try:
+            transform_family(value)
+        except ValueError as err:
+            mask = types.isna() if not isinstance(value, str) else types.eq(value)
+            i = types.index[mask][0]
+            raise ValueError(f"{path}: line {i + 2}: {err}") from None
+    out["transform_type"] = types.astype(str)
+    out["transform_magnitude"] = _numeric(
+        frame, "tranform_magnitude", path, integer=False, required=False
+    )
+    out["ssim"] = _numeric(frame, "ssim", path, integer=False, required=False)
+    out["spearman"] = _numeric(frame, "spearman", path, integer=False, required=False)
+    return out
+
+
+def _reference_root(root: Path) -> Path:
+    if not root.is_dir():
+        raise ValueError(f"reference outputs folder not found: {root}")
+    if not any(root.glob("*/*/*/results_*.csv")) and (root / "outputs").is_dir():
+        return root / "outputs"
+    return root
+
+
+def read_reference_outputs(dir: str | os.PathLike) -> pd.DataFrame:
+    """Read the reference's ``<dir>/<method>/<dataset>/<model>/results_<start>_<end>.csv``
+    files into the per-pair table (:data:`PAIR_COLUMNS`); ``dir`` may also hold ``outputs/``.
+
+    Method folders are mapped to our names (``gradcamPP`` -> ``gradcampp``); dataset and model
+    keep their folder names. A ValueError names the file and line of any bad input.
+    """
+    root = _reference_root(Path(dir))
+    files = sorted(root.glob("*/*/*/results_*.csv"))
+    if not files:
+        stray = sorted(root.rglob("results_*.csv"))
+        hint = f" (found {stray[0]} at another depth)" if stray else ""
+        raise ValueError(
+            f"no reference results under {root}: expected "
+            f"<method>/<dataset>/<model>/results_<start>_<end>.csv{hint}"
+        )
+    frames = []
+    for path in files:
+        if not _RESULTS_NAME.match(path.name):
+            raise ValueError(f"{path}: file name must be results_<start>_<end>.csv")
+        method_dir, dataset, model = path.relative_to(root).parts[:3]
+        if method_dir not in REFERENCE_METHOD_DIRS:
+            raise ValueError(
+                f"{path}: unknown method folder {method_dir!r}; allowed: "
+                f"{', '.join(REFERENCE_METHOD_DIRS)}"
+            )
+        frame = _read_reference_csv(path)
+        frame.insert(0, "saliency_method", REFERENCE_METHOD_DIRS[method_dir])
+        frame.insert(0, "model", model)
+        frame.insert(0, "dataset", dataset)
+        frames.append(frame)
+    pairs = pd.concat(frames, ignore_index=True)[list(PAIR_COLUMNS)]
+    dup = pairs.duplicated(
+        ["saliency_method", "dataset", "model", "test_idx", "transform_type", "transform_magnitude"]
+    )
+    if dup.any():
+        warnings.warn(
+            f"{int(dup.sum())} duplicate records (same image, transform and magnitude) in "
+            f"{root}; overlapping result files? They are kept, as the reference would.",
+            stacklevel=2,
+        )
+    return pairs
+
+
+def compile_reference_outputs(dir: str | os.PathLike) -> pd.DataFrame:
+    """Summary (:func:`summarize`) of the reference's result CSVs under ``dir``."""
+    return summarize(read_reference_outputs(dir))
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _percent(value: float) -> str:
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{100 * value:.2f}%"
+
+
+def paper_table_markdown(summary: pd.DataFrame, metric: str = "cose") -> str:
+    """The paper's table: rows dataset x model, columns methods (BlurIG ... SmoothGrad order),
+    ``metric`` in percent with 2 decimals, last row each method's mean in bold."""
+    _require(summary, list(GROUP_COLUMNS) + [metric], "paper_table_markdown")
+    present = list(pd.unique(summary["saliency_method"]))
+    methods = [m for m in METHOD_ORDER if m in present] + sorted(
+        (m for m in present if m not in METHOD_ORDER), key=str
+    )
+    table = summary.pivot_table(
+        index=["dataset", "model"],
+        columns="saliency_method",
+        values=metric,
+        aggfunc="first",
+        dropna=False,
+    )
+    present_rows = summary[["dataset", "model"]].drop_duplicates().itertuples(index=False)
+    rows = sorted(
+        (tuple(r) for r in present_rows),
+        key=lambda r: (display_dataset(r[0]).lower(), display_model(r[1]).lower()),
+    )
+    header = ["**Dataset**", "**Model**"] + [f"**{METHOD_DISPLAY.get(m, m)}**" for m in methods]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    previous = None
+    for dataset, model in rows:
+        first = "" if dataset == previous else f"**{display_dataset(dataset)}**"
+        previous = dataset
+        cells = [first, f"**{display_model(model)}**"]
+        for m in methods:
+            value = table.at[(dataset, model), m] if m in table.columns else float("nan")
+            cells.append(_percent(float(value)))
+        lines.append("| " + " | ".join(cells) + " |")
+    means = ["", ""]
+    for m in methods:
+        col = table.loc[rows, m].astype(float) if m in table.columns else pd.Series(dtype=float)
+        col = col[np.isfinite(col)]
+        means.append(f"**{_percent(float(col.mean()))}**" if len(col) else "n/a")
+    lines.append("| " + " | ".join(means) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_summary(summary: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``summary.csv`` and ``cose_table.md`` into ``out_dir`` atomically (temp file in
+    the same folder, then ``os.replace``). Returns their paths."""
+    _require(summary, list(GROUP_COLUMNS) + list(METRICS), "write_summary")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = [c for c in summary.columns if c.startswith("n_")]
+    extra = [
+        c
+        for c in summary.columns
+        if c not in GROUP_COLUMNS and c not in METRICS and c not in counts
+    ]
+    columns = list(GROUP_COLUMNS) + list(METRICS) + counts + extra
+    csv_text = summary[columns].to_csv(index=False, lineterminator="\n")
+    table = paper_table_markdown(summary)
+    paths = {"summary": out / "summary.csv", "table": out / "cose_table.md"}
+    _atomic_write_text(paths["summary"], csv_text)
+    _atomic_write_text(paths["table"], table)
+    return paths

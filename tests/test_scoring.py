@@ -1,0 +1,532 @@
+"""cose.scoring: the aggregation against an independent implementation of the reference's
+compile step, on synthetic reference-format CSVs; NaN handling; reading the reference layout;
+bad input; the paper table; atomic summary writing; breakdowns."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cose import scoring as S
+from cose.transforms import GEOMETRIC, PHOTOMETRIC, magnitude_grid
+
+REF_HEADER = (
+    "test_idx,target_class,pred_class,transform_type,tranform_magnitude,t_pred_class,ssim,spearman"
+)
+SEEDS = [0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def reference_aggregate(df: pd.DataFrame) -> dict[str, float]:
+    """REFERENCE.md's aggregation written plainly, as the reference's compile script does it:
+    numpy means over the selected rows (a NaN makes the mean NaN; no rows gives NaN)."""
+    df = df[df["target_class"] == df["pred_class"]]
+    t = df["transform_type"]
+    geo = t.isin(GEOMETRIC)
+    photo = t.isin(PHOTOMETRIC)
+    rand = t == "random"
+    mid = t.str.startswith("mid_ckpt")
+    same = df["t_pred_class"] == df["target_class"]
+    ssim = df["ssim"].to_numpy(dtype=float)
+
+    def mean(sel) -> float:
+        v = ssim[np.asarray(sel)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(np.mean(v)) if len(v) else float("nan")
+
+    out = {
+        "geom_consistency": mean(same & geo),
+        "photo_consistency": mean(same & photo),
+        "overall_consistency": mean(same & (geo | photo)),
+        "geom_fidelity": mean(~same & geo),
+        "photo_fidelity": mean(~same & photo),
+        "img_fidelity": mean(~same & (geo | photo)),
+        "random_fidelity": mean(~same & rand),
+        "midckpt_fidelity": mean(~same & mid),
+        "model_fidelity": mean(~same & (rand | mid)),
+        "overall_fidelity": mean(~same),
+    }
+    out["sensitivity"] = 1 - out["overall_fidelity"]
+    prod = out["overall_consistency"] * (1 - out["overall_fidelity"])
+    out["cose"] = math.sqrt(prod) if prod >= 0 else float("nan")
+    return out
+
+
+def synthetic_records(
+    rng: np.random.Generator, n_images: int = 12, n_ckpt: int = 3
+) -> pd.DataFrame:
+    """Reference-format records: per image the 42 signed + 6 unsigned transforms, the random
+    model and the mid checkpoints; predictions flip with some probability."""
+    rows = []
+    classes = 5
+    for idx in range(n_images):
+        target = int(rng.integers(classes))
+        pred = target if rng.random() < 0.8 else int((target + 1) % classes)
+        variants = []
+        for name in GEOMETRIC + PHOTOMETRIC:
+            grid = magnitude_grid(name)
+            picks = rng.choice(len(grid), size=min(6, len(grid)), replace=False)
+            variants += [(name, grid[i]) for i in picks]
+        variants.append(("random", 0.0))
+        variants += [(f"mid_ckpt_e{e:03d}", 0.0) for e in range(1, 2 * n_ckpt, 2)]
+        for name, mag in variants:
+            flip = 0.9 if name == "random" else 0.3 if name.startswith("mid") else 0.15
+            t_pred = target if rng.random() > flip else int(rng.integers(classes))
+            rows.append(
+                {
+                    "test_idx": idx,
+                    "target_class": target,
+                    "pred_class": pred,
+                    "transform_type": name,
+                    "tranform_magnitude": mag,
+                    "t_pred_class": t_pred,
+                    "ssim": float(rng.uniform(-0.2, 1.0)),
+                    "spearman": float(rng.uniform(-1, 1)),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def write_reference_tree(root: Path, rng: np.random.Generator, layout) -> dict:
+    """layout: {(method_dir, dataset, model): number of result files}. Returns the frames."""
+    frames = {}
+    for (method_dir, dataset, model), n_files in layout.items():
+        folder = root / method_dir / dataset / model
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = []
+        for k in range(n_files):
+            df = synthetic_records(rng)
+            df["test_idx"] += 100 * k
+            df.to_csv(folder / f"results_{100 * k}_{100 * (k + 1)}.csv", index=False)
+            parts.append(df)
+        frames[(method_dir, dataset, model)] = pd.concat(parts, ignore_index=True)
+    return frames
+
+
+def to_pairs(
+    df: pd.DataFrame, method="gradcam", dataset="cifar10", model="resnet50"
+) -> pd.DataFrame:
+    out = df.rename(columns={"tranform_magnitude": "transform_magnitude"}).copy()
+    out.insert(0, "saliency_method", method)
+    out.insert(0, "model", model)
+    out.insert(0, "dataset", dataset)
+    return out[list(S.PAIR_COLUMNS)]
+
+
+def assert_metrics_equal(ours: dict, ref: dict, keys=None):
+    for k in keys or ref:
+        a, b = ours[k], ref[k]
+        if math.isnan(b):
+            assert math.isnan(a), (k, a, b)
+        else:
+            assert a == pytest.approx(b, rel=0, abs=1e-12), (k, a, b)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_score_equals_reference_aggregation(seed):
+    df = synthetic_records(np.random.default_rng(seed))
+    ours = S.score(to_pairs(df))
+    assert_metrics_equal(ours, reference_aggregate(df))
+    cons, sens = ours["overall_consistency"], ours["sensitivity"]
+    assert ours["cose_hmean"] == pytest.approx(2 * cons * sens / (cons + sens), abs=1e-12)
+    assert set(S.METRICS) <= set(ours)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_counts_are_rows_behind_each_mean(seed):
+    df = synthetic_records(np.random.default_rng(seed))
+    ours = S.score(to_pairs(df))
+    kept = df[df.target_class == df.pred_class]
+    same = kept.t_pred_class == kept.target_class
+    image = kept.transform_type.isin(GEOMETRIC + PHOTOMETRIC)
+    assert ours["n_overall_consistency"] == int((same & image).sum())
+    assert ours["n_overall_fidelity"] == int((~same).sum())
+    assert ours["n_overall_consistency"] == ours["n_geom_consistency"] + ours["n_photo_consistency"]
+    assert ours["n_overall_fidelity"] == ours["n_img_fidelity"] + ours["n_model_fidelity"]
+    assert ours["n_model_fidelity"] == ours["n_random_fidelity"] + ours["n_midckpt_fidelity"]
+    assert ours["n_misclassified"] == int((df.target_class != df.pred_class).sum())
+    assert ours["n_pairs"] == len(df) and ours["n_nan_ssim"] == 0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_nan_ssim_skipped_and_counted(seed):
+    """Deliberate deviation: NaN SSIM rows are left out of the means and counted; the
+    reference's mean would be NaN. On the NaN-free rows the two agree."""
+    rng = np.random.default_rng(seed)
+    df = synthetic_records(rng)
+    nan_rows = rng.choice(len(df), size=25, replace=False)
+    df.loc[nan_rows, "ssim"] = np.nan
+    ours = S.score(to_pairs(df))
+    naive = reference_aggregate(df)
+    clean = reference_aggregate(df[df["ssim"].notna()])
+    assert_metrics_equal(ours, clean)
+    kept = df[df.target_class == df.pred_class]
+    used = (kept.t_pred_class != kept.target_class) | kept.transform_type.isin(
+        GEOMETRIC + PHOTOMETRIC
+    )
+    assert ours["n_nan_ssim"] == int((kept.ssim.isna() & used).sum()) > 0
+    assert math.isnan(naive["overall_fidelity"]) or math.isnan(naive["overall_consistency"])
+    assert not math.isnan(ours["cose"])
+
+
+def test_empty_metric_is_nan_with_zero_count():
+    df = synthetic_records(np.random.default_rng(0))
+    df = df[~df.transform_type.str.startswith("mid_ckpt")]
+    ours = S.score(to_pairs(df))
+    assert math.isnan(ours["midckpt_fidelity"]) and ours["n_midckpt_fidelity"] == 0
+    assert ours["model_fidelity"] == pytest.approx(ours["random_fidelity"])
+    all_wrong = df.assign(pred_class=df.target_class + 1)
+    empty = S.score(to_pairs(all_wrong))
+    assert all(math.isnan(empty[m]) for m in S.METRICS)
+    assert all(empty[f"n_{m}"] == 0 for m in S.MEAN_METRICS)
+
+
+def test_cose_combinations():
+    base = pd.DataFrame(
+        {
+            "target_class": [1, 1, 1, 1],
+            "pred_class": [1, 1, 1, 1],
+            "transform_type": ["Rotate", "Blur", "random", "mid_ckpt_e003"],
+            "t_pred_class": [1, 1, 0, 2],
+            "ssim": [0.8, 0.6, 0.1, 0.3],
+        }
+    )
+    out = S.score(base)
+    assert out["overall_consistency"] == pytest.approx(0.7)
+    assert out["overall_fidelity"] == pytest.approx(0.2)
+    assert out["sensitivity"] == pytest.approx(0.8)
+    assert out["cose"] == pytest.approx(math.sqrt(0.7 * 0.8))
+    assert out["cose_hmean"] == pytest.approx(2 * 0.7 * 0.8 / 1.5)
+    negative = base.assign(ssim=[-0.5, -0.3, 0.1, 0.3])
+    assert math.isnan(S.score(negative)["cose"])  # geometric mean of a negative: undefined
+
+
+def test_spearman_column_variant():
+    df = synthetic_records(np.random.default_rng(1))
+    ours = S.score(to_pairs(df), column="spearman")
+    ref = reference_aggregate(df.assign(ssim=df.spearman))
+    assert_metrics_equal(ours, ref)
+    assert "n_nan_spearman" in ours
+
+
+def test_score_bad_input():
+    df = to_pairs(synthetic_records(np.random.default_rng(0)))
+    with pytest.raises(ValueError, match=r"missing columns \['ssim'\]"):
+        S.score(df.drop(columns=["ssim"]))
+    bad = df.copy()
+    bad.loc[5, "transform_type"] = "Shear"
+    with pytest.raises(ValueError, match=r"row 5: unknown transform_type 'Shear'"):
+        S.score(bad)
+    bad = df.copy()
+    bad["ssim"] = bad["ssim"].astype(object)
+    bad.loc[7, "ssim"] = "high"
+    with pytest.raises(ValueError, match=r"row 7: ssim 'high' is not a number"):
+        S.score(bad)
+
+
+# --------------------------------------------------------------------------- reference files
+
+
+LAYOUT = {
+    ("gradcam", "cifar10", "resnet50"): 2,
+    ("gradcamPP", "cifar10", "resnet50"): 1,
+    ("ig", "caltech101", "vit"): 1,
+    ("lime", "caltech101", "swin_t"): 3,
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compile_reference_outputs_matches_reference(tmp_path, seed):
+    frames = write_reference_tree(tmp_path / "outputs", np.random.default_rng(seed), LAYOUT)
+    summary = S.compile_reference_outputs(tmp_path / "outputs")
+    assert len(summary) == len(LAYOUT)
+    assert list(summary.columns[:3]) == ["saliency_method", "dataset", "model"]
+    for (method_dir, dataset, model), df in frames.items():
+        method = S.REFERENCE_METHOD_DIRS[method_dir]
+        row = summary[
+            (summary.saliency_method == method)
+            & (summary.dataset == dataset)
+            & (summary.model == model)
+        ]
+        assert len(row) == 1
+        assert_metrics_equal(row.iloc[0].to_dict(), reference_aggregate(df))
+    # the parent folder holding outputs/ works too
+    again = S.compile_reference_outputs(tmp_path)
+    pd.testing.assert_frame_equal(summary, again)
+
+
+def test_read_reference_outputs_table(tmp_path):
+    write_reference_tree(tmp_path, np.random.default_rng(0), LAYOUT)
+    pairs = S.read_reference_outputs(tmp_path)
+    assert list(pairs.columns) == list(S.PAIR_COLUMNS)
+    assert set(pairs.saliency_method) == {"gradcam", "gradcampp", "ig", "lime"}
+    assert pairs.test_idx.dtype == np.int64 and pairs.ssim.dtype == float
+    assert pairs.transform_magnitude.dtype == float
+    assert len(pairs[(pairs.saliency_method == "lime")]) == 3 * len(
+        synthetic_records(np.random.default_rng(0))
+    )
+
+
+def test_reference_csv_with_index_column_nan_and_spaces(tmp_path):
+    folder = tmp_path / "gradcam" / "eurosat" / "convnext"
+    folder.mkdir(parents=True)
+    (folder / "results_0_2.csv").write_text(
+        ",test_idx,target_class,pred_class,transform_type,tranform_magnitude,t_pred_class,ssim,spearman\n"
+        "0,0,3,3,Rotate,4.5,3,0.5,0.4\n"
+        "1,0,3,3, Blur,0.0,3,,\n"
+        "2,1,2,2,random,,1,0.25,nan\n"
+    )
+    pairs = S.read_reference_outputs(tmp_path)
+    assert pairs.transform_type.tolist() == ["Rotate", "Blur", "random"]
+    assert math.isnan(pairs.ssim[1]) and math.isnan(pairs.transform_magnitude[2])
+    out = S.score(pairs)
+    assert out["overall_consistency"] == 0.5 and out["n_nan_ssim"] == 1
+    assert out["overall_fidelity"] == 0.25
+
+
+def write_one(tmp_path: Path, text: str, method="gradcam", name="results_0_10.csv") -> Path:
+    folder = tmp_path / method / "cifar10" / "resnet50"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+GOOD_ROW = "0,1,1,Rotate,4.5,1,0.5,0.3\n"
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        (
+            "test_idx,target_class,pred_class,transform_type,t_pred_class,ssim,spearman\n0,1,1,Rotate,1,0.5,0.3\n",
+            r"results_0_10\.csv: missing columns \['tranform_magnitude'\]",
+        ),
+        (
+            REF_HEADER + "\n" + GOOD_ROW + "1,1,1,Rotate,4.5,1,high,0.3\n",
+            r"results_0_10\.csv: line 3: column 'ssim' must be a number, got 'high'",
+        ),
+        (
+            REF_HEADER + "\n" + GOOD_ROW + "1,one,1,Rotate,4.5,1,0.5,0.3\n",
+            r"line 3: column 'target_class' must be an integer, got 'one'",
+        ),
+        (
+            REF_HEADER + "\n" + "1.5,1,1,Rotate,4.5,1,0.5,0.3\n",
+            r"line 2: column 'test_idx' must be an integer, got '1.5'",
+        ),
+        (
+            REF_HEADER + "\n" + GOOD_ROW + "1,1,,Rotate,4.5,1,0.5,0.3\n",
+            r"line 3: column 'pred_class' must be an integer, got nan",
+        ),
+        (
+            REF_HEADER + "\n" + GOOD_ROW + GOOD_ROW + "1,1,1,Shear,4.5,1,0.5,0.3\n",
+            r"line 4: unknown transform_type 'Shear'",
+        ),
+        ("", r"results_0_10\.csv: empty file"),
+    ],
+)
+def test_reference_bad_input_names_file_and_line(tmp_path, text, pattern):
+    write_one(tmp_path, text)
+    with pytest.raises(ValueError, match=pattern):
+        S.read_reference_outputs(tmp_path)
+
+
+def test_reference_bad_layout(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        S.read_reference_outputs(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no reference results"):
+        S.read_reference_outputs(tmp_path)
+    write_one(tmp_path, REF_HEADER + "\n" + GOOD_ROW, method="occlusion")
+    with pytest.raises(ValueError, match=r"unknown method folder 'occlusion'; allowed: blur_ig"):
+        S.read_reference_outputs(tmp_path)
+    other = tmp_path / "deep"
+    write_one(other, REF_HEADER + "\n" + GOOD_ROW, name="results_a_b.csv")
+    with pytest.raises(ValueError, match=r"results_<start>_<end>\.csv"):
+        S.read_reference_outputs(other)
+    shallow = tmp_path / "shallow" / "gradcam"
+    shallow.mkdir(parents=True)
+    (shallow / "results_0_1.csv").write_text(REF_HEADER + "\n" + GOOD_ROW)
+    with pytest.raises(ValueError, match="at another depth"):
+        S.read_reference_outputs(tmp_path / "shallow")
+
+
+def test_duplicate_records_warn(tmp_path):
+    write_one(tmp_path, REF_HEADER + "\n" + GOOD_ROW, name="results_0_10.csv")
+    write_one(tmp_path, REF_HEADER + "\n" + GOOD_ROW, name="results_0_5.csv")
+    with pytest.warns(UserWarning, match="1 duplicate records"):
+        pairs = S.read_reference_outputs(tmp_path)
+    assert len(pairs) == 2
+
+
+# --------------------------------------------------------------------------- table, files
+
+
+def summary_fixture() -> pd.DataFrame:
+    rows = []
+    values = {
+        ("cifar10", "resnet50"): {"gradcam": 0.6229, "gradcampp": 0.4275, "blur_ig": 0.6047},
+        ("cifar10", "vit"): {"gradcam": 0.7154, "gradcampp": 0.5911},
+        ("caltech101", "convnext"): {"gradcam": 0.6350, "gradcampp": 0.6528, "blur_ig": 0.6301},
+    }
+    for (dataset, model), per_method in values.items():
+        for method, cose in per_method.items():
+            row = {"saliency_method": method, "dataset": dataset, "model": model}
+            row.update({m: 0.5 for m in S.METRICS})
+            row["cose"] = cose
+            row.update({f"n_{m}": 10 for m in S.MEAN_METRICS})
+            row["n_nan_ssim"] = 0
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_paper_table_layout():
+    text = S.paper_table_markdown(summary_fixture())
+    lines = text.strip().splitlines()
+    assert lines[0] == "| **Dataset** | **Model** | **BlurIG** | **GradCAM** | **GradCAM++** |"
+    assert lines[1] == "|---|---|---|---|---|"
+    assert lines[2] == "| **Caltech101** | **ConvNext** | 63.01% | 63.50% | 65.28% |"
+    assert lines[3] == "| **CIFAR10** | **ResNet50** | 60.47% | 62.29% | 42.75% |"
+    assert lines[4] == "|  | **ViT** | n/a | 71.54% | 59.11% |"
+    means = lines[5].split("|")[3:-1]
+    assert [m.strip() for m in means] == ["**61.74%**", "**65.78%**", "**55.71%**"]
+    assert re.fullmatch(r"(\| .* )+\|", lines[5])
+
+
+def test_paper_table_reproduces_readme_cells():
+    """The README's table, fed back as a summary, comes out cell for cell (same layout and
+    formatting). Its published last row is not the plain mean of the cells shown (BlurIG
+    63.23% vs 62.87%): ours is the mean of the rows present."""
+    readme = Path("/work/shared/seeds/COSE-reference-README.md")
+    if not readme.exists():
+        pytest.skip("reference README not available")
+    lines = [ln for ln in readme.read_text().splitlines() if "%" in ln and ln.count("|") == 10]
+    methods = ["blur_ig", "gradcam", "gradcampp", "guided_ig", "ig", "lime", "smoothgrad"]
+    rows, dataset, cells_in = [], None, []
+    for ln in lines[:-1]:
+        cells = [c.strip().strip("*") for c in ln.strip().strip("|").split("|")]
+        dataset = cells[0] or dataset
+        cells_in.append(cells[2:])
+        for m, v in zip(methods, cells[2:]):
+            value = float(v[:-1]) / 100
+            rows.append(
+                {"saliency_method": m, "dataset": dataset, "model": cells[1], "cose": value}
+            )
+    text = S.paper_table_markdown(pd.DataFrame(rows))
+    out = text.strip().splitlines()
+    assert len(out) == 2 + len(lines)
+    body = [[c.strip() for c in ln.strip().strip("|").split("|")][2:] for ln in out[2:-1]]
+    assert body == cells_in
+    assert out[2] == (
+        "| **Caltech101** | **ConvNext** | 63.01% | 63.50% | 65.28% | 54.25% | 62.53% | 61.51% | 60.90% |"
+    )
+    assert out[3].startswith("|  | **ResNet50** | 65.77%")
+    means = [c.strip() for c in out[-1].strip().strip("|").split("|")][2:]
+    expected = np.array([[float(v[:-1]) for v in r] for r in cells_in]).mean(axis=0)
+    assert means == [f"**{v:.2f}%**" for v in expected]
+
+
+def test_write_summary_atomic(tmp_path):
+    summary = summary_fixture()
+    out = tmp_path / "report"
+    paths = S.write_summary(summary, out)
+    assert paths["summary"] == out / "summary.csv" and paths["table"] == out / "cose_table.md"
+    written = pd.read_csv(out / "summary.csv")
+    assert list(written.columns[:3]) == ["saliency_method", "dataset", "model"]
+    assert set(S.METRICS) <= set(written.columns) and "n_overall_fidelity" in written.columns
+    assert (out / "cose_table.md").read_text() == S.paper_table_markdown(summary)
+    assert sorted(os.listdir(out)) == ["cose_table.md", "summary.csv"]  # no temp files left
+    with pytest.raises(ValueError, match="missing columns"):
+        S.write_summary(summary.drop(columns=["cose"]), tmp_path / "x")
+
+
+def test_write_summary_keeps_old_files_on_failure(tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    S.write_summary(summary_fixture(), out)
+    before = (out / "summary.csv").read_text()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(S.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        S.write_summary(summary_fixture().assign(cose=0.1), out)
+    assert (out / "summary.csv").read_text() == before
+    assert sorted(os.listdir(out)) == ["cose_table.md", "summary.csv"]
+
+
+# --------------------------------------------------------------------------- breakdowns
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_breakdowns_add_up_to_score(seed):
+    df = synthetic_records(np.random.default_rng(seed))
+    df.loc[df.sample(10, random_state=seed).index, "ssim"] = np.nan
+    pairs = to_pairs(df)
+    scores = S.score(pairs)
+    by_t = S.breakdown_by_transform(pairs)
+    assert {
+        "transform_type",
+        "family",
+        "consistency",
+        "n_consistency",
+        "fidelity",
+        "n_fidelity",
+    } <= set(by_t.columns)
+    assert by_t.n_consistency.sum() == scores["n_overall_consistency"]
+    assert by_t.n_fidelity.sum() == scores["n_overall_fidelity"]
+    assert by_t.n_nan_ssim.sum() == scores["n_nan_ssim"]
+    weighted = (by_t.consistency.fillna(0) * by_t.n_consistency).sum() / by_t.n_consistency.sum()
+    assert weighted == pytest.approx(scores["overall_consistency"], abs=1e-12)
+    geo = by_t[by_t.family == "geometric"]
+    assert (geo.fidelity.fillna(0) * geo.n_fidelity).sum() / geo.n_fidelity.sum() == pytest.approx(
+        scores["geom_fidelity"], abs=1e-12
+    )
+    model_rows = by_t[by_t.family.isin(["random", "mid_ckpt"])]
+    assert model_rows.consistency.isna().all() and (model_rows.n_consistency == 0).all()
+    assert list(by_t.transform_type[:5]) == list(GEOMETRIC)
+    by_m = S.breakdown_by_magnitude(pairs)
+    assert by_m.n_consistency.sum() == scores["n_overall_consistency"]
+    rot = by_m[by_m.transform_type == "Rotate"]
+    assert set(rot.transform_magnitude) <= set(magnitude_grid("Rotate"))
+    assert rot.transform_magnitude.is_monotonic_increasing
+    assert (
+        by_m.groupby("transform_type").n_pairs.sum().to_dict()
+        == by_t.set_index("transform_type").n_pairs.to_dict()
+    )
+
+
+def test_summarize_groups_and_orders():
+    parts = []
+    for i, (method, dataset, model) in enumerate(
+        [
+            ("lime", "cifar10", "vit"),
+            ("gradcam", "cifar10", "vit"),
+            ("gradcam", "caltech101", "resnet50"),
+        ]
+    ):
+        parts.append(to_pairs(synthetic_records(np.random.default_rng(i)), method, dataset, model))
+    pairs = pd.concat(parts, ignore_index=True)
+    summary = S.summarize(pairs)
+    assert list(zip(summary.saliency_method, summary.dataset)) == [
+        ("gradcam", "caltech101"),
+        ("gradcam", "cifar10"),
+        ("lime", "cifar10"),
+    ]
+    for (method, dataset, _model), group in pairs.groupby(["saliency_method", "dataset", "model"]):
+        row = summary[(summary.saliency_method == method) & (summary.dataset == dataset)].iloc[0]
+        assert_metrics_equal(row.to_dict(), S.score(group), keys=list(S.METRICS))
+    with pytest.raises(ValueError, match="missing columns"):
+        S.summarize(pairs.drop(columns=["model"]))
