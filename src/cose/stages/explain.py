@@ -222,6 +222,25 @@ def merge(cfg: Config, units: list[Unit]) -> dict[tuple[str, str, str], pd.DataF
     return out
 
 
+def _progress_bar(total: int):
+    """Overall progress with ETA on a terminal; disabled under CI, --quiet or without a TTY."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="explain", unit="unit", dynamic_ncols=True,
+                disable=common.quiet() or total == 0)
+
+
+def _redirect_logging(bar):
+    """Log lines above the bar instead of through it (only while the bar is shown)."""
+    import contextlib
+
+    if bar.disable:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
+
+
 def run(cfg: Config, backend: str | None = None) -> None:
     from cose import backends, scoring
 
@@ -236,11 +255,15 @@ def run(cfg: Config, backend: str | None = None) -> None:
         log.info("explain: %d units, %d done, %d to run", len(units), done, len(todo))
     executor = backends.get(backend)
     t0 = time.perf_counter()
-    for i, res in enumerate(executor.run(compute_unit, todo, cfg.to_dict()), 1):
-        elapsed = time.perf_counter() - t0
-        eta = elapsed / i * (len(todo) - i)
-        log.info("explain [%d/%d] %s: %d pairs in %.1fs (elapsed %.0fs, eta %.0fs)",
-                 i, len(todo), res["key"], res["rows"], res["seconds"], elapsed, eta)
+    bar = _progress_bar(len(todo))
+    with bar, _redirect_logging(bar):
+        for i, res in enumerate(executor.run(compute_unit, todo, cfg.to_dict()), 1):
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / i * (len(todo) - i)
+            bar.set_postfix_str(res["key"], refresh=False)
+            bar.update()
+            log.info("explain [%d/%d] %s: %d pairs in %.1fs (elapsed %.0fs, eta %.0fs)",
+                     i, len(todo), res["key"], res["rows"], res["seconds"], elapsed, eta)
     bad = [u.key for u in units if not shard_ok(u)]
     if bad:
         raise RuntimeError(f"explain: {len(bad)} units did not produce a valid shard: {bad[:5]}")
