@@ -5,10 +5,16 @@ run tree). `flush()` first writes the journal to `mlruns/pending/` (so an outage
 then pushes it to MLflow with retries and backoff, and deletes the file once every run is in.
 Pushing is idempotent: each run carries a `cose.run_key` tag and is skipped when a complete run
 with that key exists, so `cose log` can replay pending journals any number of times.
+
+`tracking.retries` and `tracking.backoff_s` bound how long an outage holds a stage up: while
+pushing, MLflow's own HTTP retries (7 by default, with a backoff that adds up to minutes per
+request) are turned off and the request timeout is 30 s, unless `MLFLOW_HTTP_REQUEST_MAX_RETRIES`
+/ `MLFLOW_HTTP_REQUEST_TIMEOUT` are set in the environment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +22,7 @@ import subprocess
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,13 +167,19 @@ class Journal:
 
     @classmethod
     def for_config(cls, stage: str, cfg: Any) -> Journal:
-        """A journal for `stage` with the `tracking` section of a `cose.config.Config`."""
+        """A journal for `stage` with the `tracking` section of a `cose.config.Config`.
+
+        With `tracking.required: true` MLflow is checked now, so a stage whose tracking is
+        down fails before its work rather than after it.
+        """
         t = cfg.tracking
         journal = cls(stage, experiment=t.experiment, required=t.required, retries=t.retries,
                       backoff_s=t.backoff_s)
         journal.root_run.log_params({"seed": cfg.seed, "datasets": ",".join(cfg.datasets),
                                      "models": ",".join(cfg.models),
                                      "methods": ",".join(cfg.methods)})
+        if journal.required:
+            journal.preflight()
         return journal
 
     def run(self, key: str, name: str, parent: str | None = None) -> RunRecord:
@@ -219,31 +232,77 @@ class Journal:
 
     # ------------------------------------------------------------------ pushing
 
-    def flush(self) -> bool:
-        """Save, push with retries; True when everything reached MLflow."""
-        path = self.save_pending()
+    def _retrying(self, action: Any, what: str) -> Exception | None:
+        """Call `action()` up to 1 + retries times with exponential backoff; the last error."""
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
-                push(self)
-                path.unlink(missing_ok=True)
-                return True
+                action()
+                return None
             except Exception as exc:  # noqa: BLE001 - any backend failure is retried
                 last = exc
                 if attempt < self.retries:
                     delay = self.backoff_s * (2**attempt)
-                    log.warning("MLflow push failed (%s); retrying in %.1fs", exc, delay)
+                    log.warning("MLflow %s failed (%s); retrying in %.1fs", what,
+                                _one_line(exc), delay)
                     time.sleep(delay)
-        msg = (
-            f"MLflow tracking at {tracking_uri(self.root)} failed after {self.retries + 1} "
-            f"attempts ({type(last).__name__}: {last}); outputs are complete, the log is kept "
-            f"in {path}; replay it with `cose log`"
-        )
+        return last
+
+    def preflight(self) -> None:
+        """Raise `TrackingError` now when MLflow cannot be reached (for `tracking.required`)."""
+        def check() -> None:
+            with _bounded_http():
+                client, uri = _client()
+                _experiment_id(client, self.experiment, uri, self.root)
+
+        last = self._retrying(check, "check")
+        if last is not None:
+            raise TrackingError(
+                f"MLflow tracking at {tracking_uri(self.root)} is unreachable after "
+                f"{self.retries + 1} attempts ({type(last).__name__}: {_one_line(last)}); "
+                f"tracking.required is true, so the {self.stage} stage stops before its work"
+            )
+
+    def flush(self) -> bool:
+        """Save, push with retries; True when everything reached MLflow."""
+        path = self.save_pending()
+        last = self._retrying(lambda: push(self), "push")
+        if last is None:
+            path.unlink(missing_ok=True)
+            return True
+        cause = (f"MLflow tracking at {tracking_uri(self.root)} failed after "
+                 f"{self.retries + 1} attempts ({type(last).__name__}: {_one_line(last)})")
         if self.required:
-            raise TrackingError(msg)
+            path.unlink(missing_ok=True)  # the stage fails: its rerun logs, nothing to replay
+            raise TrackingError(f"{cause}; tracking.required is true, so the {self.stage} "
+                                f"stage fails (set it to false to queue the log instead)")
+        msg = (f"{cause}; outputs are complete, the log is kept in {path}; "
+               f"replay it with `cose log`")
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
         return False
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# MLflow's HTTP client defaults while a journal is pushed (the environment overrides them).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+@contextlib.contextmanager
+def _bounded_http() -> Iterator[None]:
+    """Let `tracking.retries`/`backoff_s` be the retry policy, not MLflow's long HTTP one."""
+    added = [k for k in HTTP_DEFAULTS if k not in os.environ]
+    for k in added:
+        os.environ[k] = HTTP_DEFAULTS[k]
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _client():
@@ -273,6 +332,11 @@ def _experiment_id(client: Any, name: str, uri: str, root: Path) -> str:
 
 def push(journal: Journal) -> None:
     """Send every run of the journal that MLflow does not hold complete yet."""
+    with _bounded_http():
+        _push(journal)
+
+
+def _push(journal: Journal) -> None:
     from mlflow.entities import Metric, Param
 
     if tracking_uri(journal.root).startswith("sqlite:"):

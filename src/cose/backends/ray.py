@@ -1,10 +1,14 @@
 """Run units on a Ray cluster: one actor per worker slot, models loaded once per actor.
 
 `RAY_ADDRESS` selects an existing cluster (e.g. `ray://head:10001` or `auto`); otherwise a
-local one is started with `COSE_RAY_CPUS` CPUs (default: all). When the cluster has GPUs each
-actor requests one. Workers read data and checkpoints and write shards under the project root,
+local one is started on loopback with `COSE_RAY_CPUS` CPUs (default: all). When the cluster
+has GPUs (and `COSE_DEVICE` is not `cpu`) each actor requests one, so one node with N GPUs
+runs N actors. `COSE_RAY_WORKERS` caps the number of actors. Actors pull the next unit as soon
+as they finish one, and keep their data and models loaded between units of the same
+(dataset, model). Workers read data and checkpoints and write shards under the project root,
 so a multi-node cluster needs the project on a shared filesystem at the same path (see
-docs/scale-out.md). Only the driver talks to MLflow.
+docs/scale-out.md). The driver's `COSE_*` variables are passed to every actor. Only the driver
+talks to MLflow.
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _worker_env() -> dict[str, str]:
+    """The driver's COSE_* settings (device, log level, ...), for actors on any node."""
+    return {k: v for k, v in os.environ.items() if k.startswith("COSE_")}
 
 
 class RayExecutor:
@@ -25,8 +34,16 @@ class RayExecutor:
             raise RuntimeError(
                 "backend 'ray' needs Ray: pip install -e '.[ray]'"
             ) from exc
-        self.workers = workers or (int(os.environ["COSE_RAY_WORKERS"])
-                                   if os.environ.get("COSE_RAY_WORKERS") else None)
+        env = os.environ.get("COSE_RAY_WORKERS")
+        if workers is None and env:
+            try:
+                workers = int(env)
+            except ValueError:
+                workers = 0
+            if workers < 1:
+                raise ValueError(f"COSE_RAY_WORKERS: got {env!r}, expected an integer >= 1")
+        self.workers = workers
+        self._started = False
 
     def _init(self) -> None:
         import ray
@@ -36,10 +53,17 @@ class RayExecutor:
         address = os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=False)
-        else:
-            cpus = os.environ.get("COSE_RAY_CPUS")
-            ray.init(num_cpus=int(cpus) if cpus else None, include_dashboard=False,
-                     log_to_driver=False)
+            return
+        cpus = os.environ.get("COSE_RAY_CPUS")
+        try:
+            num_cpus = int(cpus) if cpus else None
+        except ValueError:
+            num_cpus = 0
+        if num_cpus is not None and num_cpus < 1:
+            raise ValueError(f"COSE_RAY_CPUS: got {cpus!r}, expected an integer >= 1")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+        self._started = True
 
     def run(
         self, fn: Callable[..., dict[str, Any]], units: list[Any], cfg: dict[str, Any]
@@ -50,25 +74,31 @@ class RayExecutor:
 
         self._init()
         resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
+        use_gpu = not os.environ.get("COSE_DEVICE", "").startswith("cpu")
+        gpus = int(resources.get("GPU", 0)) if use_gpu else 0
         cpus = max(1, int(resources.get("CPU", 1)))
         slots = gpus if gpus else cpus
         n = max(1, min(self.workers or slots, slots, len(units)))
         root = str(Path.cwd().resolve())
         threads = max(1, cpus // n)
+        env = _worker_env()
+        if gpus and env.get("COSE_DEVICE", "").startswith("cuda:"):
+            env["COSE_DEVICE"] = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
 
-        @ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else threads)
+        @ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else threads,
+                    max_restarts=0)
         class UnitWorker:
-            def __init__(self, threads: int) -> None:
+            def __init__(self, threads: int, env: dict[str, str]) -> None:
                 import torch
 
+                os.environ.update(env)
                 torch.set_num_threads(threads)
                 os.chdir(root)
 
             def run(self, unit: Any, cfg: dict[str, Any]) -> dict[str, Any]:
                 return fn(unit, cfg, root)
 
-        actors = [UnitWorker.remote(threads) for _ in range(n)]
+        actors = [UnitWorker.remote(threads, env) for _ in range(n)]
         pending: dict[Any, Any] = {}
         queue = list(units)
         free = list(actors)
@@ -84,3 +114,6 @@ class RayExecutor:
         finally:
             for actor in actors:
                 ray.kill(actor)
+            if self._started:  # a cluster this executor started ends with the run
+                ray.shutdown()
+                self._started = False

@@ -16,8 +16,10 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,19 @@ def shard_ok(unit: Unit) -> bool:
 # --------------------------------------------------------------------------- unit compute
 
 _CONTEXT: dict[tuple, dict[str, Any]] = {}
+_LOADS = 0  # context loads (data + models) in this process: once per worker and model
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """`np.savez_compressed` without the wall-clock timestamps: same arrays, same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(arrays[name]), allow_pickle=False)
+    return buf.getvalue()
 
 
 def _load_model(name: str, nc: int, path: Path, dev: torch.device) -> torch.nn.Module:
@@ -130,6 +145,8 @@ def _context(cfg: Config, dataset: str, model: str) -> dict[str, Any]:
         return _CONTEXT[key]
     from cose import models
 
+    global _LOADS
+    _LOADS += 1
     _CONTEXT.clear()  # one (dataset, model) at a time per worker bounds memory
     dev = common.device()
     nc = common.num_classes(cfg, dataset)
@@ -152,9 +169,11 @@ def _context(cfg: Config, dataset: str, model: str) -> dict[str, Any]:
 
 
 def compute_unit(unit: Unit, cfg_dict: dict[str, Any], root: str | None = None) -> dict[str, Any]:
-    """Compute one unit and write its shard; safe to call from any worker process."""
-    import os
+    """Compute one unit and write its shard; safe to call from any worker process.
 
+    The sidecar (fingerprint, sha256, rows) is written last and holds nothing run-dependent,
+    so the same unit gives the same bytes on any backend and a rerun is byte-identical.
+    """
     from cose.engine import explain_unit
 
     if root:
@@ -175,25 +194,28 @@ def compute_unit(unit: Unit, cfg_dict: dict[str, Any], root: str | None = None) 
     result.pairs.to_parquet(buf, index=False)
     atomic_write_bytes(unit.parquet, buf.getvalue())
     if result.samples:
-        sbuf = io.BytesIO()
-        np.savez_compressed(sbuf, **result.samples)
-        atomic_write_bytes(unit.parquet.parent.parent / "samples.npz", sbuf.getvalue())
+        atomic_write_bytes(unit.parquet.parent.parent / "samples.npz", npz_bytes(result.samples))
     seconds = time.perf_counter() - t0
     meta = {"fingerprint": unit.fingerprint, "sha256": sha256_file(unit.parquet),
-            "rows": len(result.pairs), "seconds": round(seconds, 3), "unit": asdict(unit)}
+            "rows": len(result.pairs), "unit": asdict(unit)}
     atomic_write_text(unit.sidecar, json.dumps(meta, indent=1, sort_keys=True))
-    return {"key": unit.key, "rows": len(result.pairs), "seconds": seconds}
+    return {"key": unit.key, "rows": len(result.pairs), "seconds": seconds,
+            "worker": f"{os.uname().nodename}:{os.getpid()}", "loads": _LOADS}
 
 
 # --------------------------------------------------------------------------- driver
 
 
 def _prune(units: list[Unit]) -> None:
-    """Remove shards and folders that the current params do not produce."""
+    """Remove shards and folders that the current params do not produce, and the temp files
+    a killed run left behind (they would otherwise end up in DVC's cached output)."""
     wanted_dirs = {common.explain_dir(u.dataset, u.model, u.method) for u in units}
     wanted_files = {u.parquet for u in units} | {u.sidecar for u in units}
     if not common.EXPLAIN.exists():
         return
+    for tmp in common.EXPLAIN.rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink()
     for d in sorted(common.EXPLAIN.glob("*/*/*")):
         if d.is_dir() and d not in wanted_dirs:
             shutil.rmtree(d)
@@ -244,6 +266,7 @@ def _redirect_logging(bar):
 def run(cfg: Config, backend: str | None = None) -> None:
     from cose import backends, scoring
 
+    journal = Journal.for_config("explain", cfg)  # tracking.required: checks MLflow first
     units = plan(cfg)
     _prune(units)
     todo = [u for u in units if not shard_ok(u)]
@@ -255,21 +278,26 @@ def run(cfg: Config, backend: str | None = None) -> None:
         log.info("explain: %d units, %d done, %d to run", len(units), done, len(todo))
     executor = backends.get(backend)
     t0 = time.perf_counter()
+    loads: dict[str, int] = {}
     bar = _progress_bar(len(todo))
     with bar, _redirect_logging(bar):
         for i, res in enumerate(executor.run(compute_unit, todo, cfg.to_dict()), 1):
             elapsed = time.perf_counter() - t0
             eta = elapsed / i * (len(todo) - i)
+            loads[res["worker"]] = max(loads.get(res["worker"], 0), res["loads"])
             bar.set_postfix_str(res["key"], refresh=False)
             bar.update()
             log.info("explain [%d/%d] %s: %d pairs in %.1fs (elapsed %.0fs, eta %.0fs)",
                      i, len(todo), res["key"], res["rows"], res["seconds"], elapsed, eta)
+    if todo:
+        log.info("explain: ran %d units on backend %s: %d workers, %d model loads, %.1fs",
+                 len(todo), executor.name, len(loads), sum(loads.values()),
+                 time.perf_counter() - t0)
     bad = [u.key for u in units if not shard_ok(u)]
     if bad:
         raise RuntimeError(f"explain: {len(bad)} units did not produce a valid shard: {bad[:5]}")
     tables = merge(cfg, units)
 
-    journal = Journal.for_config("explain", cfg)
     journal.root_run.log_params(cfg.to_dict()["explain"], prefix="explain.")
     journal.root_run.set_tags({"cose.backend": executor.name})
     for (dataset, model, method), df in tables.items():
