@@ -219,6 +219,11 @@ def test_identical_and_reversed_maps():
     torch.testing.assert_close(spearman(x, -x), -torch.ones(2, dtype=torch.float64))
 
 
+def test_empty_batch():
+    e = torch.rand(0, 8, 8)
+    assert ssim(e, e).shape == (0,) and spearman(e, e).shape == (0,)
+
+
 def test_outputs_on_input_device_and_dtype():
     a = torch.rand(4, 20, 20)
     out = ssim(a, a * 0.5)

@@ -72,9 +72,7 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None, wha
 
 def _row_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (min, max, finite) of [B, ...]; min/max propagate NaN, so no extra pass."""
-    flat = x.flatten(1)
-    lo = flat.amin(dim=1)
-    hi = flat.amax(dim=1)
+    lo, hi = torch.aminmax(x.flatten(1), dim=1)
     return lo, hi, torch.isfinite(lo) & torch.isfinite(hi)
 
 
@@ -167,6 +165,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
     if h < WIN_SIZE or w < WIN_SIZE:
         raise ValueError(f"ssim: maps of {h}x{w} are smaller than the {WIN_SIZE}x{WIN_SIZE} window")
     out_dtype = _result_dtype(a.device)
+    if bsz == 0:
+        return torch.empty(0, dtype=out_dtype, device=a.device)
     amin, amax, afin = _row_range(a)
     bmin, bmax, bfin = _row_range(b)
     rng = torch.maximum(amax - amin, bmax - bmin)
@@ -256,16 +256,19 @@ def _torch_spearman_sums(x, y, valid, n_valid):
 
 def _np_sorted(x: np.ndarray, valid: np.ndarray | None):
     """Row-wise sort of float32 [c,n] via int64 keys (order-preserving value bits << 32 | pixel):
-    numpy sorts these with its SIMD sort. Returns (sorted value keys, pixel permutation), both
-    int32 [c,n] views; masked-out entries get a key above every float."""
+    numpy sorts these with its SIMD sort. Returns (sorted value keys, permutation as flat
+    indices row * n + pixel), both int32 [c,n] views; masked-out entries get a key above every
+    float."""
     c, n = x.shape
     bits = x.view(np.int32)
-    key = bits ^ ((bits >> 31) & _INT32_MAX)  # signed int32 in float order
+    packed = np.empty((c, n, 2), dtype=np.int32)
+    packed[:, :, 0] = np.arange(c * n, dtype=np.int32).reshape(c, n)  # low word: flat index
+    key = packed[:, :, 1]  # high word: signed int32 in float order
+    np.right_shift(bits, 31, out=key)
+    np.bitwise_and(key, _INT32_MAX, out=key)
+    np.bitwise_xor(key, bits, out=key)
     if valid is not None:
         np.putmask(key, ~valid, _INT32_MAX)
-    packed = np.empty((c, n, 2), dtype=np.int32)
-    packed[:, :, 0] = np.arange(n, dtype=np.int32)  # low word (little-endian): pixel
-    packed[:, :, 1] = key
     packed.view(np.int64).reshape(c, n).sort(axis=1)
     return packed[:, :, 1], packed[:, :, 0]
 
@@ -277,34 +280,34 @@ def _np_centred_ranks(skey: np.ndarray, n_valid: np.ndarray | None):
     (n^3 - n) / 12 minus (t^3 - t) / 12 for every run of t tied values.
     """
     c, n = skey.shape
-    ties = skey[:, 1:] == skey[:, :-1]
-    if n_valid is not None:
-        ties &= np.arange(1, n)[None, :] < n_valid[:, None]
+    new = np.empty((c, n), dtype=bool)  # first of a run of equal keys
+    new[:, 0] = True
+    np.not_equal(skey[:, 1:], skey[:, :-1], out=new[:, 1:])
+    if n_valid is not None:  # masked-out entries (sorted last) are runs of their own
+        new[np.arange(n)[None, :] >= n_valid[:, None]] = True
     nv = np.full(c, n, dtype=np.float64) if n_valid is None else n_valid.astype(np.float64)
-    sumsq = (nv**3 - nv) / 12
+    sumsq = (nv * nv * nv - nv) / 12
+    flat = new.ravel()
+    starts = np.flatnonzero(flat)
     ranks = np.empty((c, n), dtype=np.float32)
-    ranks[:] = np.arange(1, n + 1, dtype=np.float32)
-    tied_rows = ties.any(axis=1)
-    if tied_rows.any():
-        sub = ties[tied_rows]
-        m = sub.shape[0]
-        new = np.ones((m, n), dtype=bool)
-        np.logical_not(sub, out=new[:, 1:])
-        flat = new.ravel()
-        starts = np.flatnonzero(flat)
+    if starts.size == c * n:  # no ties
+        ranks[:] = np.arange(1, n + 1, dtype=np.float32)
+    else:
         ends = np.empty_like(starts)  # exclusive
         ends[:-1] = starts[1:]
-        ends[-1] = m * n
+        ends[-1] = c * n
+        lengths = (ends - starts).astype(np.float64)
+        first_run = np.searchsorted(starts, np.arange(c) * n)  # runs never straddle rows
+        sumsq -= np.add.reduceat(lengths * lengths * lengths - lengths, first_run) / 12
         # a run over 0-based flat [start, end) holds the ranks start+1 .. end: their mean
-        avg = ((starts + ends + 1) * 0.5).astype(np.float32)
+        np.add(ends, starts, out=ends)
+        ends += 1
+        avg = ends.astype(np.float32)
+        avg *= 0.5
         group = np.cumsum(flat, dtype=np.int32)  # (int64 accumulation is ~10x slower)
         group -= 1
-        run = np.take(avg, group).reshape(m, n)
-        run -= (np.arange(m, dtype=np.float32) * n)[:, None]
-        ranks[tied_rows] = run
-        t = (ends - starts).astype(np.float64)
-        tie_sq = np.bincount(starts // n, weights=t**3 - t, minlength=m) / 12
-        sumsq[tied_rows] -= tie_sq
+        np.take(avg, group, out=ranks.ravel())
+        ranks -= (np.arange(c, dtype=np.float32) * n)[:, None]
     if n_valid is None:
         ranks -= np.float32((n + 1) / 2)
     else:
@@ -318,9 +321,8 @@ def _np_pixel_ranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     c, n = x.shape
     kx, px = _np_sorted(x, None)
     rx, sxx = _np_centred_ranks(kx, None)
-    offset = (np.arange(c, dtype=np.int64) * n)[:, None]
     pixels = np.empty(c * n, dtype=np.float32)
-    pixels[(px + offset).ravel()] = rx.ravel()
+    pixels[px.ravel()] = rx.ravel()
     return pixels.reshape(c, n), sxx
 
 
@@ -328,21 +330,18 @@ def _np_spearman_sums(x, y: np.ndarray, valid, n_valid, shared=None):
     """(S_xy, S_xx, S_yy) of centred ranks, float64. ``shared``: (pixel ranks [1,n], S_xx)
     of one unmasked ``x`` row used for every ``y`` row."""
     c, n = y.shape
-    offset = (np.arange(c, dtype=np.int64) * n)[:, None]
     nv = n_valid if valid is not None else None
     if shared is None:
         kx, px = _np_sorted(x, valid)
         rx, sxx = _np_centred_ranks(kx, nv)
         rx_pixels = np.empty(c * n, dtype=np.float32)
-        rx_pixels[(px + offset).ravel()] = rx.ravel()
+        rx_pixels[px.ravel()] = rx.ravel()
     else:
+        rx_pixels = np.tile(shared[0][0], c)  # flat like the permutations
         sxx = np.broadcast_to(shared[1], (c,))
     ky, py = _np_sorted(y, valid)
     ry, syy = _np_centred_ranks(ky, nv)
-    if shared is None:
-        at_y = np.take(rx_pixels, (py + offset).ravel()).reshape(c, n)
-    else:
-        at_y = np.take(shared[0][0], py)
+    at_y = np.take(rx_pixels, py)
     sxy = np.einsum("ij,ij->i", at_y, ry, dtype=np.float64)
     return sxy, sxx, syy
 
@@ -387,6 +386,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
     a, b, mask = _check_pair(a, b, mask, "spearman")
     bsz = a.shape[0]
     dtype = _result_dtype(a.device)
+    if bsz == 0 or a.shape[1] * a.shape[2] == 0:
+        return torch.full((bsz,), float("nan"), dtype=dtype, device=a.device)
     # +0.0 turns -0.0 into +0.0 so that the two zeros tie (and makes contiguous copies)
     y = b.reshape(bsz, -1) + 0.0
     n_total = y.shape[1]
