@@ -16,12 +16,15 @@ get_image_and_mask(target, positive_only=False, num_features=num_features):
   top label, which is the prediction it passed as target);
 - map: +1 / -1 on the `num_features` segments with the largest |weight| by sign, 0 elsewhere.
 
-Each image gets a fresh RandomState(seed), so a map does not depend on the batch it came in.
+Each image gets a fresh RandomState(seed), so a map does not depend on the batch it came in
+(seed=None: fresh OS entropy, not reproducible).
 Single-channel images are segmented as gray2rgb (as lime does); other channel counts on the
 channel mean.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -73,16 +76,24 @@ def compute(
     B, C, H, W = x.shape
     dev = x.device
     hwc = x.permute(0, 2, 3, 1).double().cpu().numpy()
-    states, segs, datas = [], [], []
-    for i in range(B):
-        rs = np.random.RandomState(0 if seed is None else int(seed))
+
+    def prepare(i):
+        rs = np.random.RandomState(None if seed is None else int(seed))
         seg = segment(hwc[i], rs)
         n_feat = np.unique(seg).shape[0]
         data = rs.randint(0, 2, samples * n_feat).reshape((samples, n_feat))
         data[0, :] = 1
-        states.append(rs)
-        segs.append(seg)
-        datas.append(data)
+        return rs, seg, data
+
+    # quickshift runs without the GIL: segment the images on parallel threads (each image has
+    # its own RandomState, so the result does not depend on the scheduling)
+    workers = min(B, max(1, torch.get_num_threads()))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            prepared = list(pool.map(prepare, range(B)))
+    else:
+        prepared = [prepare(i) for i in range(B)]
+    states, segs, datas = (list(v) for v in zip(*prepared))
 
     f_max = max(d.shape[1] for d in datas)
     onoff = torch.zeros((B, samples, f_max), dtype=torch.uint8)

@@ -5,7 +5,8 @@ Per image: std = noise * (max(x) - min(x)); mean over `samples` draws of grad(x 
 probability. The standard-normal draws come from a CPU torch.Generator seeded with `seed`, one
 [samples, C, H, W] block per call shared by every image of the call (each scaled by its own
 std): an image's map therefore does not depend on which other images share its batch, nor on the
-device. PAIR draws from numpy's global generator, so maps agree with it only in distribution.
+device (seed=None: fresh entropy, not reproducible). PAIR draws from numpy's global generator,
+so maps agree with it only in distribution.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def attribution(
     flat = x.flatten(1)
     std = noise * (flat.max(1).values - flat.min(1).values)
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(0 if seed is None else int(seed))
+    if seed is None:
+        gen.seed()  # fresh entropy: not reproducible
+    else:
+        gen.manual_seed(int(seed))
     eps = torch.randn((samples, *x.shape[1:]), generator=gen, dtype=torch.float32).to(x.device)
     total = torch.zeros_like(x)
 
