@@ -37,7 +37,7 @@ def test_overrides_use_dotted_keys_and_yaml_values():
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("train.epoch=3", "-S train.epoch: unknown key; allowed: train.batch_size"),
+        ("train.epoch=3", "-S train.epoch: unknown key; allowed: train.amp, train.augment"),
         ("nosuch=1", "-S nosuch: unknown key"),
         ("train.epochs=abc", "train.epochs: got 'abc', expected an integer"),
         ("train.epochs=0", "train.epochs: got 0, expected > 0"),
@@ -86,3 +86,12 @@ def test_section_hash_is_stable_and_sensitive():
     assert a.section_hash("explain") == load().section_hash("explain")
     assert a.section_hash("explain") != b.section_hash("explain")
     assert a.section_hash("train") == b.section_hash("train")
+
+
+def test_recipe_checks_and_weights_mapping():
+    with pytest.raises(ConfigError, match="train.optimizer: got 'rmsprop'"):
+        load(["train.optimizer=rmsprop"], registries=True)
+    with pytest.raises(ConfigError, match="train.weights.resnet50: not in models"):
+        load(["train.weights={resnet50: hub}"], registries=True)
+    cfg = load(["train.weights={demo_resnet: /tmp/w.pth}"], registries=True)
+    assert cfg.train.weights == {"demo_resnet": "/tmp/w.pth"}

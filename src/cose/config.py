@@ -42,11 +42,21 @@ class TrainConfig:
     lr: float = 8e-4
     weight_decay: float = 1e-3
     grad_clip: float = 0.1
+    grad_clip_mode: str = "norm"
+    optimizer: str = "adam"
     freeze_backbone: bool = False
     head: str = "linear"
+    plateau_metric: str = "val_loss"
     plateau_patience: int = 2
     plateau_factor: float = 0.5
+    augment: str = "none"
+    amp: bool = True
+    eval_batch_size: int = 256
+    num_workers: int = 0
     max_train_images: int | None = None
+    # model name -> pretrained weights: a local file (any published layout), "hub" or
+    # "hub:<timm tag>" (online only); unlisted models start from random init
+    weights: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -230,6 +240,20 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
             )
     if t.max_train_images is not None:
         _check_positive("train.max_train_images", t.max_train_images)
+    for model, w in t.weights.items():
+        if w is not None and not isinstance(w, str):
+            raise ConfigError(f"train.weights.{model}: got {w!r}, expected a path, 'hub' or null")
+        if check_registries and model not in cfg.models:
+            raise ConfigError(
+                f"train.weights.{model}: not in models; allowed: {', '.join(cfg.models)}"
+            )
+    if check_registries:
+        from cose import training
+
+        try:  # the recipe's own checks (optimizer, clip mode, plateau metric, augment, ...)
+            training.TrainConfig.from_config(t)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     e = cfg.explain
     _check_positive("explain.images", e.images)
     _check_positive("explain.magnitudes", e.magnitudes)

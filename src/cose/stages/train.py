@@ -35,13 +35,16 @@ def train_one(cfg: Config, dataset: str, model_name: str, journal: Journal) -> d
     out = common.ckpt_dir(dataset, model_name)
     out.mkdir(parents=True, exist_ok=True)
 
-    random_model = models.create(model_name, nc, seed=cfg.seed + 1)
+    head = cfg.train.head
+    random_model = models.create(model_name, nc, seed=cfg.seed + 1, head=head)
     training.save_weights(random_model, out / "random.pt")
 
-    model = models.create(model_name, nc, seed=cfg.seed).to(dev)
+    weights = cfg.train.weights.get(model_name)
+    model = models.create(model_name, nc, weights=weights, seed=cfg.seed, head=head).to(dev)
     run = journal.run(f"{dataset}/{model_name}", f"train {dataset}/{model_name}")
     run.log_params({"dataset": dataset, "model": model_name, "num_classes": nc,
-                    "train_images": len(tr_y), "test_images": len(te_y), "device": str(dev)})
+                    "train_images": len(tr_y), "test_images": len(te_y), "device": str(dev),
+                    "weights": weights or "random-init"})
     run.log_params(cfg.to_dict()["train"], prefix="train.")
 
     def on_epoch(epoch: int, metrics: dict) -> None:
