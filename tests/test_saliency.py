@@ -338,3 +338,28 @@ def test_registry_demo_models_work_with_every_method():
         for method in S.METHODS:
             m = S.explain(method, model, x, torch.tensor([0, 1]), **FAST[method])
             assert m.shape == (2, size, size), (name, method)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", S.METHODS)
+def test_cuda_matches_cpu(batch, method):
+    model = _resnet()
+    x, t = batch
+    cpu = S.explain(method, model, x, t, **FAST[method])
+    model_gpu = _resnet().cuda()
+    gpu = S.explain(method, model_gpu, x.cuda(), t.cuda(), **FAST[method])
+    assert gpu.device.type == "cuda" and gpu.shape == cpu.shape
+    # images on the CPU, model on the GPU: computed there, returned on the images' device
+    mixed = S.explain(method, model_gpu, x, t, **FAST[method])
+    assert mixed.device.type == "cpu"
+    gpu = gpu.cpu()
+    if method == "lime":
+        assert (gpu == cpu).float().mean() > 0.95  # cuDNN vs CPU float noise may flip a tie
+    else:
+        for i in range(x.shape[0]):
+            r = torch.corrcoef(torch.stack([gpu[i].flatten(), cpu[i].flatten()]))[0, 1]
+            assert r > 0.99, (method, i, float(r))
