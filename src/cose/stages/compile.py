@@ -2,7 +2,10 @@
 
 Writes results/summary.csv (one row per saliency_method, dataset, model with REFERENCE.md's
 metric names, row counts and cose), results/cose_table.md (the paper's layout),
-results/metrics.json (DVC metrics) and the per-transform / per-magnitude breakdowns.
+results/metrics.json (DVC metrics) and the per-transform / per-magnitude breakdowns; then the
+report (cose.report): results/cose_table.html, results/figures/*.png (DVC image plots),
+results/plots/magnitude/<method>.csv (DVC plot data of the magnitude curves) and
+results/report.html. Tables and figures are logged to the stage's MLflow run.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cose import scoring
@@ -83,6 +87,41 @@ def train_accuracies(cfg: Config) -> dict[str, dict[str, float]]:
     return acc
 
 
+def load_samples(cfg: Config) -> dict[tuple[str, str], dict[str, dict[str, np.ndarray]]]:
+    """The explain stage's sample maps: {(dataset, model): {method: arrays}} where present."""
+    out: dict[tuple[str, str], dict[str, dict[str, np.ndarray]]] = {}
+    for dataset in cfg.datasets:
+        for model in cfg.models:
+            for method in cfg.methods:
+                path = common.explain_dir(dataset, model, method) / "samples.npz"
+                if path.exists():
+                    with np.load(path, allow_pickle=False) as z:
+                        out.setdefault((dataset, model), {})[method] = {k: z[k] for k in z.files}
+    return out
+
+
+def write_report(cfg: Config, summary: pd.DataFrame, pairs: pd.DataFrame | None, out: Path,
+                 accuracies: dict | None = None, samples: dict | None = None) -> list[Path]:
+    """cose_table.html, figures/, plots/magnitude/ and report.html under `out`."""
+    from cose import report
+
+    log.info("compile: drawing figures and writing %s", out / "report.html")
+    params = {k: v for k, v in cfg.to_dict().items() if k != "tracking"}
+    return report.write_report(
+        out, summary, pairs, load_samples(cfg) if samples is None else samples, params=params,
+        versions=report.versions(), accuracies=accuracies or {},
+        title="COSE report: " + ", ".join(scoring.display_dataset(d) for d in cfg.datasets),
+    )
+
+
+def _artifact_folder(path: Path) -> str:
+    if path.suffix == ".png":
+        return "figures"
+    if "plots" in path.parts:
+        return "plots"
+    return "results"
+
+
 def run(cfg: Config) -> pd.DataFrame:
     pairs = load_pairs(cfg)
     from cose.data.validate import validate_pairs
@@ -90,14 +129,16 @@ def run(cfg: Config) -> pd.DataFrame:
     report = validate_pairs(pairs)
     if not report.ok:
         raise ValueError("per-pair table failed validation:\n" + report.to_markdown())
+    log.info("compile: scoring %d pairs", len(pairs))
     summary = scoring.summarize(pairs)
     accuracies = train_accuracies(cfg)
     written = write_results(summary, pairs, common.RESULTS, accuracies)
+    written += write_report(cfg, summary, pairs, common.RESULTS, accuracies)
 
     journal = Journal.for_config("compile", cfg)
     journal.root_run.log_params(cfg.to_dict()["compile"], prefix="compile.")
     for path in written:
-        journal.root_run.log_artifact(path, "results")
+        journal.root_run.log_artifact(path, _artifact_folder(path))
     for row in summary.to_dict("records"):
         key = f"{row['dataset']}/{row['model']}/{row['saliency_method']}"
         r = journal.run(key, f"cose {key}")
@@ -108,6 +149,24 @@ def run(cfg: Config) -> pd.DataFrame:
         acc = accuracies.get(row["dataset"], {}).get(row["model"])
         if acc is not None:
             r.log_metric("test_accuracy", acc)
+    log.info("compile: logging %d rows and %d files to MLflow", len(summary), len(written))
     journal.flush()
-    log.info("compile: %d rows in results/summary.csv", len(summary))
+    log.info("compile: %d rows in results/summary.csv; report: results/report.html",
+             len(summary))
     return summary
+
+
+def report_only(cfg: Config, out: Path, reference_outputs: str | None = None) -> list[Path]:
+    """`cose report`: the report pages and figures from the current per-pair tables (or the
+    reference's result CSVs), without metrics files or MLflow."""
+    if reference_outputs:
+        pairs = scoring.read_reference_outputs(reference_outputs)
+        summary = scoring.summarize(pairs)
+        scoring.write_summary(summary, out)
+        from cose import report
+
+        return report.write_report(out, summary, pairs, versions=report.versions(),
+                                   title=f"COSE report: {reference_outputs}")
+    pairs = load_pairs(cfg)
+    summary = scoring.summarize(pairs)
+    return write_report(cfg, summary, pairs, out, train_accuracies(cfg))
