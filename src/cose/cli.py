@@ -1,9 +1,8 @@
-"""`cose`: one sub-command per pipeline stage, plus data, log and ui."""
+"""`cose`: one sub-command per pipeline stage, plus data, report, evaluate, log and ui."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -56,6 +55,50 @@ def build_parser() -> argparse.ArgumentParser:
                            help="compile result CSVs in the reference code's layout "
                                 "(outputs/<method>/<dataset>/<model>/results_*.csv) instead")
             p.add_argument("--out", default=None, help="output folder with --reference-outputs")
+
+    rep = sub.add_parser(
+        "report", help="rebuild results/report.html, figures and plot data from the per-pair "
+                       "tables (no MLflow, no metrics)",
+        description="Rebuild the report (report.html, cose_table.html, figures/*.png, "
+                    "plots/magnitude/*.csv) from outputs/explain, as `cose compile` writes it.")
+    _add_params(rep)
+    rep.add_argument("--out", default="results", help="output folder (default: results)")
+    rep.add_argument("--reference-outputs", metavar="DIR", default=None,
+                     help="report on result CSVs in the reference code's layout instead")
+
+    ev = sub.add_parser(
+        "evaluate", help="COSE of one model's weights on an image folder; prints the table",
+        description="COSE of a registry model with your weights on an image folder or a "
+                    "fetched dataset folder, without DVC or MLflow (the Python twin is "
+                    "cose.evaluate). Prints consistency, sensitivity and COSE per method.")
+    ev.add_argument("--model", required=True, help="registry model name (see cose.models.names())")
+    ev.add_argument("--weights", required=True, metavar="FILE",
+                    help="checkpoint file: a COSE checkpoint (checkpoints/<dataset>/<model>/"
+                         "final.pt) or a published state dict trained on DIR's classes")
+    ev.add_argument("--data", required=True, metavar="DIR",
+                    help="DIR/manifest.csv (a fetched dataset), DIR/<split>/<class>/* or "
+                         "DIR/<class>/* (every image)")
+    ev.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    ev.add_argument("--images", type=int, default=16,
+                    help="images: the first N of a seeded permutation (default 16)")
+    ev.add_argument("--methods", default=",".join(("gradcam", "gradcampp", "ig")),
+                    help="comma-separated saliency methods, or 'all' (default: gradcam,"
+                         "gradcampp,ig)")
+    ev.add_argument("--transforms", default=None,
+                    help="comma-separated COSE transforms (default: all 13)")
+    ev.add_argument("--magnitudes", type=int, default=6,
+                    help="magnitudes drawn per image and signed transform (default 6)")
+    ev.add_argument("--seed", type=int, default=0, help="image selection and magnitude draws")
+    ev.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    ev.add_argument("--setting", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="saliency setting, e.g. --setting ig.steps=50 (repeatable)")
+    ev.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                    help="an intermediate checkpoint for the mid-training sensitivity "
+                         "(repeatable)")
+    ev.add_argument("--no-random-model", action="store_true",
+                    help="skip the random-init model variant")
+    ev.add_argument("--out", default=None, metavar="DIR",
+                    help="also write pairs.parquet, summary.csv and report.html into DIR")
 
     sub.add_parser("log", help="replay MLflow logs left pending by a tracking outage")
     rem = sub.add_parser(
@@ -130,6 +173,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"remote {name!r}: ok")
         return 0
 
+    if args.command == "evaluate":
+        return _evaluate(args)
+
     cfg = _load(args)
     if args.command in ("validate", "train", "explain"):
         for dataset in cfg.datasets:  # fail before any work starts
@@ -151,6 +197,91 @@ def _run(args: argparse.Namespace) -> int:
 
         compile_stage.run(cfg)
         print((common.RESULTS / "cose_table.md").read_text())
+    elif args.command == "report":
+        from cose.stages import compile as compile_stage
+
+        out = Path(args.out)
+        compile_stage.report_only(cfg, out, args.reference_outputs)
+        print(out / "report.html")
+    return 0
+
+
+def _settings(items: list[str]) -> dict[str, dict]:
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not method or not name:
+            raise ConfigError(f"--setting: {item!r}; expected METHOD.KEY=VALUE, e.g. ig.steps=50")
+        out.setdefault(method.strip(), {})[name.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _ckpt_tag(path: str) -> str:
+    import re
+
+    stem = Path(path).stem
+    m = re.fullmatch(r"epoch_(\d+)", stem)
+    tag = f"e{m.group(1)}" if m else re.sub(r"[^A-Za-z0-9]", "", stem)
+    return tag or "ckpt"
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """`cose evaluate`: load the model and the images, run cose.evaluate, print the table."""
+    from cose import api, models, scoring
+    from cose.models import weights as W
+    from cose.stages import common
+
+    if args.model not in models.names():
+        raise ConfigError(f"--model: unknown value {args.model!r}; allowed: "
+                          f"{', '.join(models.names())}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = "all" if methods == ["all"] else methods
+    transforms = ([t.strip() for t in args.transforms.split(",") if t.strip()]
+                  if args.transforms else None)
+    spec = models.preprocess(args.model)
+    images, labels, ids, classes = api.load_folder(args.data, spec, split=args.split,
+                                                   images=args.images, seed=args.seed)
+    ckpt = W.read_checkpoint(args.weights)
+    head = None
+    if W.is_cose_checkpoint(ckpt):
+        nc, head = int(ckpt["num_classes"]), ckpt.get("head")
+    else:
+        nc = len(classes)
+    if int(labels.max()) >= nc:
+        raise ValueError(f"--data: label {int(labels.max())} but the model has {nc} classes")
+    dev = common.device()
+
+    def build(weights=None, seed=None):
+        return models.create(args.model, nc, weights=weights, seed=seed, head=head).to(dev)
+
+    model = build(ckpt)
+    random_model = None if args.no_random_model else build(seed=args.seed + 1)
+    ckpts = {_ckpt_tag(p): build(str(p)) for p in args.checkpoint}
+    kwargs = {"transforms": transforms} if transforms else {}
+    result = api.evaluate(
+        model, images, labels, methods=methods, normalize=args.model, random_model=random_model,
+        checkpoints=ckpts, magnitudes=args.magnitudes, seed=args.seed,
+        settings=_settings(args.setting), batch_size=args.batch_size, ids=ids,
+        dataset=Path(args.data).resolve().name, model_name=args.model, **kwargs)
+    table = result.table()
+    rows = ["| method | consistency | sensitivity | COSE | pairs | dropped (misclassified) |",
+            "|---|---|---|---|---|---|"]
+    for r in table.to_dict("records"):
+        pct = [("n/a" if r[k] != r[k] else f"{100 * r[k]:.2f}%")
+               for k in ("overall_consistency", "sensitivity", "cose")]
+        rows.append(f"| {scoring.METHOD_DISPLAY.get(r['saliency_method'], r['saliency_method'])}"
+                    f" | {' | '.join(pct)} | {r['n_pairs']} | {r['n_misclassified']} |")
+    first = result.pairs.groupby("test_idx")[["pred_class", "target_class"]].first()
+    acc = float((first["pred_class"] == first["target_class"]).mean())
+    print(f"{args.model} on {args.data} ({len(labels)} {args.split} images, accuracy "
+          f"{100 * acc:.1f}%)")
+    print("\n".join(rows))
+    if args.out:
+        result.save(args.out, title=f"COSE: {args.model} on {Path(args.data).name}")
+        print(f"wrote {Path(args.out) / 'report.html'}")
     return 0
 
 
