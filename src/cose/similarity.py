@@ -84,6 +84,46 @@ def _chunk_rows(x: torch.Tensor) -> int:
     return max(1, 2**24 // per_row)
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_KEY: tuple[int, int] | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-local thread pool (rebuilt after fork or a change of torch threads)."""
+    global _POOL, _POOL_KEY
+    key = (os.getpid(), workers)
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_KEY != key:
+            if _POOL is not None and _POOL_KEY is not None and _POOL_KEY[0] == os.getpid():
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cose-spearman")
+            _POOL_KEY = key
+        return _POOL
+
+
+_THREADS_LOCK = threading.RLock()
+
+
+def _map_chunks(fn, chunks: list, device: torch.device) -> list:
+    """``[fn(c) for c in chunks]``; on the CPU spread over ``torch.get_num_threads()`` Python
+    threads, each running torch single-threaded for the duration of the call.
+
+    Many small ops with OpenMP barriers stall badly on a busy machine (a descheduled OpenMP
+    thread holds up every barrier); independent chunks on plain threads do not. While this
+    runs, torch's intra-op thread count is 1 process-wide (restored afterwards).
+    """
+    workers = torch.get_num_threads()
+    if device.type != "cpu" or workers <= 1 or len(chunks) <= 1:
+        return [fn(c) for c in chunks]
+    with _THREADS_LOCK:
+        torch.set_num_threads(1)
+        try:
+            return list(_pool(workers).map(fn, chunks))
+        finally:
+            torch.set_num_threads(workers)
+
+
 # --------------------------------------------------------------------------- SSIM
 
 
@@ -176,16 +216,18 @@ def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
     centre = torch.where(ok, (amin + amax + bmin + bmax) / 4, 0 * one).view(-1, 1, 1)
     keep = erode_mask(mask).to(a.dtype) if mask is not None else None
     pad = WIN_SIZE // 2
-    totals = []
     step = _chunk_rows(a)
-    for i in range(0, bsz, step):
-        sl = slice(i, i + step)
+    chunks = [slice(i, min(i + step, bsz)) for i in range(0, bsz, step)]
+
+    def work(sl: slice) -> torch.Tensor:
         s = _ssim_image(a[sl], b[sl], centre[sl], inv[sl])
         if keep is None:
             s = s[:, pad : h - pad, pad : w - pad]
         else:
             s = s.mul_(keep[sl])
-        totals.append(s.sum(dim=(1, 2)))
+        return s.sum(dim=(1, 2))
+
+    totals = _map_chunks(work, chunks, a.device)
     total = torch.cat(totals).to(out_dtype)
     if keep is None:
         count = torch.full_like(total, (h - 2 * pad) * (w - 2 * pad))
@@ -346,24 +388,6 @@ def _np_spearman_sums(x, y: np.ndarray, valid, n_valid, shared=None):
     return sxy, sxx, syy
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_KEY: tuple[int, int] | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A process-local thread pool (rebuilt after fork or a change of torch threads)."""
-    global _POOL, _POOL_KEY
-    key = (os.getpid(), workers)
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_KEY != key:
-            if _POOL is not None and _POOL_KEY is not None and _POOL_KEY[0] == os.getpid():
-                _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cose-spearman")
-            _POOL_KEY = key
-        return _POOL
-
-
 def _use_numpy(x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
@@ -412,19 +436,15 @@ def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
             vs = vn[sl] if vn is not None else None
             return _np_spearman_sums(xs, yn[sl], vs, nn[sl], common)
 
-        workers = max(1, torch.get_num_threads())
-        if workers > 1 and len(chunks) > 1:
-            parts = list(_pool(workers).map(work, chunks))
-        else:
-            parts = [work(sl) for sl in chunks]
+        parts = _map_chunks(work, chunks, y.device)
         cxy, cxx, cyy = (torch.from_numpy(np.concatenate(t)) for t in zip(*parts))
     else:
-        parts = [
-            _torch_spearman_sums(
-                x[sl], y[sl], valid[sl] if valid is not None else None, n_valid[sl]
-            )
-            for sl in chunks
-        ]
+
+        def work_torch(sl: slice):
+            vs = valid[sl] if valid is not None else None
+            return _torch_spearman_sums(x[sl], y[sl], vs, n_valid[sl])
+
+        parts = _map_chunks(work_torch, chunks, y.device)
         cxy, cxx, cyy = (torch.cat(t) for t in zip(*parts))
     cxy, cxx, cyy = (t.to(y.device, dtype) for t in (cxy, cxx, cyy))
     ok = ok & (n_valid >= 2) & (cxx > 0) & (cyy > 0)
