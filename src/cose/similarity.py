@@ -185,12 +185,24 @@ def _ssim_image(a: torch.Tensor, b: torch.Tensor, centre: torch.Tensor, inv: tor
     return num1.mul_(num2).div_(den1.mul_(den2))
 
 
+def _and5(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """Logical AND over 5 consecutive entries along ``dim`` ('valid'): 3 operations."""
+    n = p.shape[dim]
+    a2 = p.narrow(dim, 0, n - 1) & p.narrow(dim, 1, n - 1)
+    a4 = a2.narrow(dim, 0, n - 3) & a2.narrow(dim, 2, n - 3)
+    return a4.narrow(dim, 0, n - 4) & p.narrow(dim, 4, n - 4)
+
+
 def erode_mask(mask: torch.Tensor, win: int = WIN_SIZE) -> torch.Tensor:
     """Erode bool [B,H,W] by a ``win`` x ``win`` square; outside the image counts as False."""
     pad = win // 2
-    outside = (~mask).unsqueeze(1).to(torch.float32)
-    outside = F.pad(outside, (pad, pad, pad, pad), value=1.0)
-    return F.max_pool2d(outside, kernel_size=win, stride=1).squeeze(1) == 0
+    if win != 5:
+        outside = F.pad((~mask).unsqueeze(1).to(torch.float32), (pad,) * 4, value=1.0)
+        return F.max_pool2d(outside, kernel_size=win, stride=1).squeeze(1) == 0
+    b, h, w = mask.shape
+    padded = torch.zeros((b, h + 2 * pad, w + 2 * pad), dtype=torch.bool, device=mask.device)
+    padded[:, pad : pad + h, pad : pad + w] = mask
+    return _and5(_and5(padded, 1), 2)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -326,7 +338,8 @@ def _np_centred_ranks(skey: np.ndarray, n_valid: np.ndarray | None):
     new[:, 0] = True
     np.not_equal(skey[:, 1:], skey[:, :-1], out=new[:, 1:])
     if n_valid is not None:  # masked-out entries (sorted last) are runs of their own
-        new[np.arange(n)[None, :] >= n_valid[:, None]] = True
+        for i in range(c):
+            new[i, n_valid[i] :] = True
     nv = np.full(c, n, dtype=np.float64) if n_valid is None else n_valid.astype(np.float64)
     sumsq = (nv * nv * nv - nv) / 12
     flat = new.ravel()
@@ -354,7 +367,8 @@ def _np_centred_ranks(skey: np.ndarray, n_valid: np.ndarray | None):
         ranks -= np.float32((n + 1) / 2)
     else:
         ranks -= ((n_valid + 1) / 2).astype(np.float32)[:, None]
-        ranks[np.arange(n)[None, :] >= n_valid[:, None]] = 0.0
+        for i in range(c):
+            ranks[i, n_valid[i] :] = 0.0
     return ranks, sumsq
 
 
