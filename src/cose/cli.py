@@ -127,6 +127,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.quiet:
         os.environ["COSE_QUIET"] = "1"
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's own INFO lines
     common.setup_logging(args.log_level or ("WARNING" if args.quiet else None))
 
     if args.command == "data":
