@@ -363,3 +363,68 @@ def test_cuda_matches_cpu(batch, method):
         for i in range(x.shape[0]):
             r = torch.corrcoef(torch.stack([gpu[i].flatten(), cpu[i].flatten()]))[0, 1]
             assert r > 0.99, (method, i, float(r))
+
+
+# ----------------------------------------------------------------------------- conv+BN folding
+
+
+def test_bn_folding_is_cached_exact_and_tracks_weights(batch):
+    from cose.saliency import _core
+
+    model = _resnet()
+    x, t = batch
+    fast = _core.fast_model(model, x)
+    assert fast is not model and _core.fast_model(model, x) is fast  # cached
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # original untouched
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    # new weights (a checkpoint loaded in place) -> rebuilt
+    other = _resnet()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    model.load_state_dict(other.state_dict())
+    fast2 = _core.fast_model(model, x)
+    assert fast2 is not fast
+    with torch.no_grad():
+        torch.testing.assert_close(fast2(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bn_folding_does_not_change_maps(batch, monkeypatch):
+    from cose.saliency import _core
+
+    model = _resnet()
+    x, t = batch
+    for method in ("ig", "smoothgrad", "blur_ig", "lime"):
+        folded = S.explain(method, model, x, t, **FAST[method])
+        monkeypatch.setattr(_core, "FUSE_BN", False)
+        plain = S.explain(method, model, x, t, **FAST[method])
+        monkeypatch.setattr(_core, "FUSE_BN", True)
+        if method == "lime":
+            assert (folded == plain).float().mean() > 0.95
+        else:
+            torch.testing.assert_close(folded, plain, atol=1e-3, rtol=0)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if h.mean() > 1e9:  # data-dependent control flow: torch.fx cannot trace it
+            h = h * 0
+        return self.fc(h.mean((2, 3)))
+
+
+def test_bn_folding_falls_back_for_untraceable_models(batch):
+    from cose.saliency import _core
+
+    model = _Untraceable().eval()
+    assert _core.fast_model(model, batch[0]) is model
+    m = S.explain("ig", model, *batch, steps=3)
+    assert m.shape == (3, SIZE, SIZE)

@@ -108,6 +108,10 @@ register(
     "LIME (lime), quickshift superpixels, hide colour 0",
 )
 
+# methods that only call the model (no hooks on its modules): they may run a conv+BN-folded
+# copy of it (`_core.fast_model`); the CAMs hook the caller's own modules
+_FUSABLE = frozenset({"ig", "smoothgrad", "blur_ig", "guided_ig", "lime"})
+
 _POSITIVE_INT = ("steps", "samples", "num_features", "batch_size")
 _NON_NEGATIVE = ("noise", "max_sigma", "max_dist", "fraction")
 
@@ -162,5 +166,6 @@ def explain(
     if params.get("batch_size", 0) is None:
         params["batch_size"] = AUTO_BATCH_SIZE.get(dev.type, AUTO_BATCH_SIZE["other"])
     with _core.guarded(model):
-        maps = spec.fn(model, x, t, max_target, **params)
+        run = _core.fast_model(model, x) if method in _FUSABLE else model
+        maps = spec.fn(run, x, t, max_target, **params)
     return maps.to(device=images.device, dtype=torch.float32)
