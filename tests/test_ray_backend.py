@@ -112,3 +112,7 @@ def test_backend_is_a_flag_or_env_choice(monkeypatch):
     monkeypatch.setenv("COSE_RAY_WORKERS", "0")
     with pytest.raises(ValueError, match="COSE_RAY_WORKERS: got '0'"):
         backends.get("ray")
+    monkeypatch.setenv("COSE_RAY_WORKERS", "2")
+    monkeypatch.setenv("COSE_RAY_THREADS", "many")
+    with pytest.raises(ValueError, match="COSE_RAY_THREADS: got 'many'"):
+        backends.get("ray")

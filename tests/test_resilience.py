@@ -53,8 +53,14 @@ _BUILT: dict[str, Path] = {}
 
 def env_for(proj: Path, **extra: str) -> dict[str, str]:
     """conftest's project env, running the project's own copy of `cose` (its src/), so the
-    code matches the stages' DVC deps and edits to this checkout during a run change nothing."""
+    code matches the stages' DVC deps and edits to this checkout during a run change nothing.
+
+    Every process runs torch with one thread, as each actor of a 2-CPU, 2-worker Ray cluster
+    does: torch's CPU reductions (IG's gradients, ...) round differently with another thread
+    count (about 1e-7 in SSIM), and byte-identical outputs are what these tests compare.
+    """
     env = project_env(proj)
+    env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(
         [str(proj / "src"), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     env.update(extra)
@@ -244,6 +250,7 @@ def _free_port() -> int:
 
 def _start_server(base: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "COSE_"))}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner: 8 fewer processes
     log = (base / f"server-{time.monotonic_ns()}.log").open("wb")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",

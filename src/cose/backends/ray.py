@@ -3,9 +3,9 @@
 `RAY_ADDRESS` selects an existing cluster (e.g. `ray://head:10001` or `auto`); otherwise a
 local one is started on loopback with `COSE_RAY_CPUS` CPUs (default: all). When the cluster
 has GPUs (and `COSE_DEVICE` is not `cpu`) each actor requests one, so one node with N GPUs
-runs N actors. `COSE_RAY_WORKERS` caps the number of actors. Actors pull the next unit as soon
-as they finish one, and keep their data and models loaded between units of the same
-(dataset, model). Workers read data and checkpoints and write shards under the project root,
+runs N actors. `COSE_RAY_WORKERS` caps the number of actors; each uses CPUs/actors torch
+threads (`COSE_RAY_THREADS` overrides). Actors pull the next unit as soon as they finish one,
+and keep their data and models loaded between units of the same (dataset, model). Workers read data and checkpoints and write shards under the project root,
 so a multi-node cluster needs the project on a shared filesystem at the same path (see
 docs/scale-out.md). The driver's `COSE_*` variables are passed to every actor. Only the driver
 talks to MLflow.
@@ -17,6 +17,20 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _positive_int(name: str) -> int | None:
+    """The integer in environment variable `name` (None when unset); >= 1 or a clear error."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name}: got {raw!r}, expected an integer >= 1")
+    return value
 
 
 def _worker_env() -> dict[str, str]:
@@ -34,15 +48,8 @@ class RayExecutor:
             raise RuntimeError(
                 "backend 'ray' needs Ray: pip install -e '.[ray]'"
             ) from exc
-        env = os.environ.get("COSE_RAY_WORKERS")
-        if workers is None and env:
-            try:
-                workers = int(env)
-            except ValueError:
-                workers = 0
-            if workers < 1:
-                raise ValueError(f"COSE_RAY_WORKERS: got {env!r}, expected an integer >= 1")
-        self.workers = workers
+        self.workers = workers or _positive_int("COSE_RAY_WORKERS")
+        _positive_int("COSE_RAY_THREADS")  # fail early on a bad value
         self._started = False
 
     def _init(self) -> None:
@@ -54,15 +61,8 @@ class RayExecutor:
         if address:
             ray.init(address=address, log_to_driver=False)
             return
-        cpus = os.environ.get("COSE_RAY_CPUS")
-        try:
-            num_cpus = int(cpus) if cpus else None
-        except ValueError:
-            num_cpus = 0
-        if num_cpus is not None and num_cpus < 1:
-            raise ValueError(f"COSE_RAY_CPUS: got {cpus!r}, expected an integer >= 1")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=_positive_int("COSE_RAY_CPUS"), include_dashboard=False,
+                 log_to_driver=False, _node_ip_address="127.0.0.1")
         self._started = True
 
     def run(
@@ -80,12 +80,13 @@ class RayExecutor:
         slots = gpus if gpus else cpus
         n = max(1, min(self.workers or slots, slots, len(units)))
         root = str(Path.cwd().resolve())
-        threads = max(1, cpus // n)
+        share = max(1, cpus // n)  # CPUs each actor reserves (without GPUs)
+        threads = _positive_int("COSE_RAY_THREADS") or share
         env = _worker_env()
         if gpus and env.get("COSE_DEVICE", "").startswith("cuda:"):
             env["COSE_DEVICE"] = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
 
-        @ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else threads,
+        @ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else share,
                     max_restarts=0)
         class UnitWorker:
             def __init__(self, threads: int, env: dict[str, str]) -> None:
