@@ -302,3 +302,26 @@ def test_torch_rank_path_matches_scipy(monkeypatch, masked):
     a, b = varied_maps(rng, 7, 200, 190)
     mask = rng.random(a.shape) > 0.25 if masked else None
     check(a.astype(np.float32), b.astype(np.float32), mask)
+
+
+def test_thread_pool_path_restores_threads():
+    """CPU chunks run on a thread pool with torch single-threaded; the thread count is
+    restored and results equal the sequential path. (No fork test: torch's OpenMP pool
+    itself hangs in a forked child once the parent used it, cose or not.)"""
+    rng = np.random.default_rng(1)
+    a, b = (torch.from_numpy(x).float() for x in varied_maps(rng, 14, 224, 224))
+    mask = torch.from_numpy(rng.random(a.shape) > 0.2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pooled = [ssim(a, b), spearman(a, b), ssim(a, b, mask), spearman(a, b, mask)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    try:
+        single = [ssim(a, b), spearman(a, b), ssim(a, b, mask), spearman(a, b, mask)]
+    finally:
+        torch.set_num_threads(before)
+    for p, q in zip(pooled, single):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, equal_nan=True)

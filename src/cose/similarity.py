@@ -97,12 +97,23 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         if _POOL is None or _POOL_KEY != key:
             if _POOL is not None and _POOL_KEY is not None and _POOL_KEY[0] == os.getpid():
                 _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cose-spearman")
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cose-similarity")
             _POOL_KEY = key
         return _POOL
 
 
 _THREADS_LOCK = threading.RLock()
+
+
+def _reset_after_fork() -> None:  # locks held by threads of the parent would never be released
+    global _POOL, _POOL_KEY, _POOL_LOCK, _THREADS_LOCK
+    _POOL, _POOL_KEY = None, None
+    _POOL_LOCK = threading.Lock()
+    _THREADS_LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _map_chunks(fn, chunks: list, device: torch.device) -> list:
