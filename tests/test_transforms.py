@@ -69,7 +69,9 @@ def pil_reference(name: str, image: Image.Image, magnitude: float) -> Image.Imag
     raise AssertionError(name)
 
 
-def random_images(rng: np.random.Generator, n: int, h: int, w: int, channels: int = 3) -> np.ndarray:
+def random_images(
+    rng: np.random.Generator, n: int, h: int, w: int, channels: int = 3
+) -> np.ndarray:
     """uint8 [n,h,w,c] of varied kinds: uniform noise, smooth gradients, low contrast,
     few grey levels, a constant image."""
     out = np.empty((n, h, w, channels), dtype=np.uint8)
@@ -125,7 +127,9 @@ def test_grid_is_signed_linspace(name):
     top = T.MAX_MAGNITUDE[name]
     positive = np.linspace(0, top, 31)[1:]
     assert len(grid) == 60 and 0.0 not in grid
-    np.testing.assert_allclose(sorted(grid), np.concatenate([-positive[::-1], positive]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        sorted(grid), np.concatenate([-positive[::-1], positive]), rtol=0, atol=1e-12
+    )
     assert grid == sorted(grid)
 
 
@@ -405,4 +409,6 @@ def test_cuda_matches_cpu():
             maps = torch.rand(6, 64, 64, dtype=torch.float64)
             inv = T.invert(name, maps.cuda(), mags).cpu()
             assert torch.allclose(inv, T.invert(name, maps, mags), atol=1e-9), name
-            assert torch.equal(T.valid_mask(name, mags, 64, 64, "cuda").cpu(), T.valid_mask(name, mags, 64, 64))
+            assert torch.equal(
+                T.valid_mask(name, mags, 64, 64, "cuda").cpu(), T.valid_mask(name, mags, 64, 64)
+            )
