@@ -268,28 +268,47 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(r_gpu.cpu(), r_cpu, atol=1e-9, rtol=0, equal_nan=True)
 
 
-def test_shared_original_expanded_matches_per_pair():
-    """``a = original.expand(B,H,W)`` (one original, many variants) takes the shared-rank path
-    on CPU float32; results equal the per-pair computation and scipy."""
+@pytest.mark.parametrize("pattern", ["expand", "repeat"])
+def test_repeated_originals_ranked_once_match_per_pair(monkeypatch, pattern):
+    """Rows of ``a`` that repeat (the explain stage's ``map0.repeat(K, 1, 1)``, or ``expand``)
+    are ranked once on CPU float32; results equal the per-pair path and scipy."""
+    import cose.similarity as sim
+
     rng = np.random.default_rng(8)
     a, b = varied_maps(rng, 7, 224, 224)
-    original = torch.from_numpy(a[2]).float()  # sparse map with ties
+    originals = torch.from_numpy(a[:3]).float()  # smooth, noisy, sparse with ties
+    if pattern == "expand":
+        originals = originals[2:3]
+        first = originals.expand(7, 224, 224)
+    else:
+        first = originals.repeat(3, 1, 1)[:7]
     variants = torch.from_numpy(b).float()
-    shared = original.expand(7, 224, 224)
-    assert shared.stride(0) == 0
-    fast = spearman(shared, variants)
-    slow = spearman(shared.contiguous(), variants)
+    calls = []
+    real = sim._repeated_rows
+    monkeypatch.setattr(sim, "_repeated_rows", lambda x: calls.append(real(x)) or calls[-1])
+    fast = spearman(first, variants)
+    assert calls and calls[-1] is not None  # the shared path ran
+    monkeypatch.setattr(sim, "_repeated_rows", lambda x: None)
+    slow = spearman(first, variants)
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12, equal_nan=True)
-    check(shared.contiguous().numpy(), variants.numpy())
+    check(first.contiguous().numpy(), variants.numpy())
     mask = torch.from_numpy(rng.random((7, 224, 224)) > 0.3)
-    torch.testing.assert_close(
-        spearman(shared, variants, mask),
-        spearman(shared.contiguous(), variants, mask),
-        rtol=0,
-        atol=1e-12,
-        equal_nan=True,
-    )
-    torch.testing.assert_close(ssim(shared, variants), ssim(shared.contiguous(), variants))
+    check(first.contiguous().numpy(), variants.numpy(), mask.numpy())
+
+
+def test_repeated_rows_detection():
+    import cose.similarity as sim
+
+    x = torch.rand(3, 50)
+    rows = x[[0, 1, 2, 0, 1, 2, 0]]
+    first, which = sim._repeated_rows(rows)
+    assert torch.equal(rows, x[first][which])
+    assert sim._repeated_rows(torch.rand(6, 50)) is None  # all distinct
+    nan_rows = rows.clone()
+    nan_rows[:, 0] = float("nan")
+    assert sim._repeated_rows(nan_rows) is None
+    out = spearman(nan_rows.view(7, 5, 10), torch.rand(7, 5, 10))
+    assert torch.isnan(out).all()
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -394,8 +394,8 @@ def _np_pixel_ranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _np_spearman_sums(x, y: np.ndarray, valid, n_valid, shared=None):
-    """(S_xy, S_xx, S_yy) of centred ranks, float64. ``shared``: (pixel ranks [1,n], S_xx)
-    of one unmasked ``x`` row used for every ``y`` row."""
+    """(S_xy, S_xx, S_yy) of centred ranks, float64. ``shared``: (pixel ranks [c,n], S_xx [c])
+    of the unmasked ``x`` rows, computed beforehand (``x`` is then not used)."""
     c, n = y.shape
     nv = n_valid if valid is not None else None
     if shared is None:
@@ -404,13 +404,42 @@ def _np_spearman_sums(x, y: np.ndarray, valid, n_valid, shared=None):
         rx_pixels = np.empty(c * n, dtype=np.float32)
         rx_pixels[px.ravel()] = rx.ravel()
     else:
-        rx_pixels = np.tile(shared[0][0], c)  # flat like the permutations
-        sxx = np.broadcast_to(shared[1], (c,))
+        rx_pixels = np.ascontiguousarray(shared[0]).ravel()  # flat, like the permutations
+        sxx = shared[1]
     ky, py = _np_sorted(y, valid)
     ry, syy = _np_centred_ranks(ky, nv)
     at_y = np.take(rx_pixels, py)
     sxy = np.einsum("ij,ij->i", at_y, ry, dtype=np.float64)
     return sxy, sxx, syy
+
+
+_FINGERPRINT_WEIGHTS: dict[int, torch.Tensor] = {}
+
+
+def _repeated_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """When rows of [B,n] ``x`` repeat (at most B/2 distinct; as when one original map is
+    compared with many variants): (index of one row per distinct value [R], distinct value of
+    each row [B]). Verified exactly; None otherwise."""
+    bsz, n = x.shape
+    if bsz < 2:
+        return None
+    w = _FINGERPRINT_WEIGHTS.get(n)
+    if w is None:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randint(1, 2**31 - 1, (n,), generator=gen, dtype=torch.int32)
+        _FINGERPRINT_WEIGHTS[n] = w
+    # exact integer fingerprints of the bits (float sums depend on alignment and order)
+    bits = x.view(torch.int32) if x.dtype == torch.float32 else x.view(torch.int64)
+    prints = torch.stack((bits.sum(dim=1, dtype=torch.int64), (bits * w).sum(dim=1)), dim=1)
+    _, inverse = torch.unique(prints, dim=0, return_inverse=True)
+    distinct = int(inverse.max()) + 1
+    if distinct > bsz // 2:
+        return None
+    first = torch.full((distinct,), bsz, dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(bsz), reduce="amin")
+    if not torch.equal(x, x.index_select(0, first.index_select(0, inverse))):
+        return None  # a fingerprint collision (or NaN): no sharing
+    return first, inverse
 
 
 def _use_numpy(x: torch.Tensor) -> bool:
@@ -426,23 +455,19 @@ def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
     """Per-sample Spearman rank correlation of ``a``, ``b`` [B,H,W] (average ties); Tensor[B].
 
     With ``mask`` (bool [B,H,W]) only the masked pixels count. NaN where undefined.
-    One original against many variants: pass ``a`` as ``original.expand(B, H, W)`` (stride 0);
-    without a mask its ranks are then computed once (CPU float32).
+    Rows of ``a`` that repeat (one original against many variants, e.g. ``map0.repeat(K, 1,
+    1)`` or ``expand``) are ranked once when there is no mask (CPU float32).
     """
-    shared_input = (
-        isinstance(a, torch.Tensor) and a.ndim == 3 and a.shape[0] > 1 and a.stride(0) == 0
-    )
     a, b, mask = _check_pair(a, b, mask, "spearman")
     bsz = a.shape[0]
     dtype = _result_dtype(a.device)
     if bsz == 0 or a.shape[1] * a.shape[2] == 0:
         return torch.full((bsz,), float("nan"), dtype=dtype, device=a.device)
     # +0.0 turns -0.0 into +0.0 so that the two zeros tie (and makes contiguous copies)
+    x = a.reshape(bsz, -1) + 0.0
     y = b.reshape(bsz, -1) + 0.0
     n_total = y.shape[1]
     valid = mask.reshape(bsz, -1) if mask is not None else None
-    shared = shared_input and valid is None and _use_numpy(y) and a.stride(0) == 0
-    x = a[:1].reshape(1, -1) + 0.0 if shared else a.reshape(bsz, -1) + 0.0
     ok = _row_range(x)[2] & _row_range(y)[2]
     if valid is None:
         n_valid = torch.full((bsz,), n_total, device=y.device, dtype=torch.int64)
@@ -454,12 +479,21 @@ def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
         xn, yn = x.numpy(), y.numpy()
         vn = valid.numpy() if valid is not None else None
         nn = n_valid.numpy()
-        common = _np_pixel_ranks(xn) if shared else None
+        repeated = _repeated_rows(x) if valid is None else None
+        if repeated is not None:  # rank each distinct original once
+            reps = xn[repeated[0].numpy()]
+            rep_chunks = [slice(i, i + step) for i in range(0, reps.shape[0], step)]
+            done = _map_chunks(lambda sl: _np_pixel_ranks(reps[sl]), rep_chunks, y.device)
+            rep_pixels = np.concatenate([d[0] for d in done])
+            rep_sumsq = np.concatenate([d[1] for d in done])
+            which = repeated[1].numpy()
 
         def work(sl: slice):
-            xs = None if shared else xn[sl]
             vs = vn[sl] if vn is not None else None
-            return _np_spearman_sums(xs, yn[sl], vs, nn[sl], common)
+            if repeated is None:
+                return _np_spearman_sums(xn[sl], yn[sl], vs, nn[sl])
+            shared = (rep_pixels[which[sl]], rep_sumsq[which[sl]])
+            return _np_spearman_sums(None, yn[sl], vs, nn[sl], shared)
 
         parts = _map_chunks(work, chunks, y.device)
         cxy, cxx, cyy = (torch.from_numpy(np.concatenate(t)) for t in zip(*parts))
