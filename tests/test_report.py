@@ -169,6 +169,16 @@ def test_cose_by_family_figure_draws_one_point_per_model():
     assert ys == pytest.approx(sorted([0.55, 0.325, 0.7, 0.2]))
 
 
+def test_values_outside_0_1_stay_in_view():
+    # SSIM can be negative: sensitivity and COSE can exceed 1, consistency can be below 0
+    summary = _summary_for_families()
+    summary.loc[0, ["cose", "sensitivity"]] = [1.02, 1.3]
+    ax = report.plot_cose_by_family(summary).figure.axes[0]
+    assert ax.get_ylim()[0] <= 0 and ax.get_ylim()[1] >= 1.02
+    ax = report.plot_scores(summary).figure.axes[0]
+    assert ax.get_ylim()[1] >= summary.groupby("saliency_method")["sensitivity"].mean().max()
+
+
 def test_consistency_distribution_figure_medians(known_pairs):
     plot = report.plot_consistency_distributions(known_pairs)
     data = plot.data

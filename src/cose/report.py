@@ -330,7 +330,7 @@ def plot_cose_by_family(summary: pd.DataFrame, metric: str = "cose") -> Plot:
     ax.set_xticks(range(len(methods)), [_display(m) for m in methods])
     ax.set_xlim(-0.6, len(methods) - 0.4)
     ax.set_ylabel(metric.upper() if metric == "cose" else metric)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(*_limits(data[metric]))
     ax.set_title("COSE by architecture family")
     ax.grid(axis="y", alpha=0.3)
     if families:
@@ -354,7 +354,7 @@ def plot_consistency_distributions(pairs: pd.DataFrame, column: str = "ssim") ->
     ax.set_xticks(range(len(methods)), [_display(m) for m in methods])
     ax.set_xlim(-0.6, len(methods) - 0.4)
     ax.set_ylabel(f"consistency ({column.upper() if column == 'ssim' else column})")
-    ax.set_ylim(-1.05 if (data[column] < 0).any() else 0, 1.05)
+    ax.set_ylim(*_limits(data[column], 0, 1.05, 0.05))
     ax.set_title("Consistency distributions")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
@@ -382,7 +382,7 @@ def plot_magnitude(curves: pd.DataFrame) -> Plot:
         ax.set_xlabel("relative transform magnitude")
         ax.set_ylabel(metric)
         ax.set_xlim(0, 1)
-        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylim(*_limits(curves[metric] if len(curves) else [], -0.05, 1.05, 0))
         ax.grid(alpha=0.3)
         ax.set_title(f"{metric.capitalize()} vs magnitude")
     handles, labels = axes[0].get_legend_handles_labels()
@@ -392,6 +392,15 @@ def plot_magnitude(curves: pd.DataFrame) -> Plot:
                    labels + [lab for _, lab in more], loc="outside right center",
                    fontsize="x-small")
     return Plot(fig, curves)
+
+
+def _limits(values, low: float = 0.0, high: float = 1.0, pad: float = 0.05) -> tuple:
+    """[low, high], widened to the finite values (SSIM can be negative, so sensitivity > 1)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v):
+        low, high = min(low, float(v.min()) - pad), max(high, float(v.max()) + pad)
+    return low, high
 
 
 def _palette(n: int) -> list:
@@ -421,8 +430,8 @@ def plot_scores(summary: pd.DataFrame) -> Plot:
         ax.bar(xs[ok], ys[ok], width=width, color=colors.get(metric), label=metric,
                gid=f"bars:{metric}")
     ax.set_xticks(range(len(data)), [_display(m) for m in data.index])
-    ax.set_ylim(0, 1.15)
-    ax.set_yticks(np.linspace(0, 1, 6))
+    low, high = _limits(data.to_numpy().ravel(), 0, 1)
+    ax.set_ylim(low, high + 0.15)
     ax.set_title("COSE per saliency method")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", fontsize="small", ncols=len(metrics), frameon=False)
