@@ -44,6 +44,7 @@ def project_env(path: Path) -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["CI"] = "true"
     env["COSE_DEVICE"] = "cpu"
+    env["PYTHONPATH"] = str(path / "src")  # the project's own copy, not this checkout's
     env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "cose-tests"
     env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "tests@cose.invalid"
     env.pop("COSE_PROJECT_ROOT", None)

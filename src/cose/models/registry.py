@@ -45,9 +45,8 @@ _DEMO_RESNET = dict(
     layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16, output_stride=8
 )
 _DEMO_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
-_DEMO_CONVNEXT = dict(
-    depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), patch_size=4, output_stride=8, conv_mlp=False
-)
+# stem patch 1 rather than output_stride: dilated depthwise convs are very slow on CPU
+_DEMO_CONVNEXT = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), patch_size=1, conv_mlp=False)
 _DEMO_SWIN = dict(
     img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
     drop_path_rate=0.0,
@@ -89,7 +88,7 @@ _SPECS: tuple[ModelSpec, ...] = (
     ModelSpec("demo_vit", "vit_tiny_patch16_224", "vit", "demo_vit", _DEMO, _DEMO_VIT,
               pretraining="none", description="small ViT, patch 4 at 32 px (CAM 8x8)"),
     ModelSpec("demo_convnext", "convnext_atto", "convnext", "demo_convnext", _DEMO, _DEMO_CONVNEXT,
-              pretraining="none", description="small ConvNeXt, output stride 8 (CAM 4x4)"),
+              pretraining="none", description="small ConvNeXt, stem patch 1 at 32 px (CAM 4x4)"),
     ModelSpec("demo_swin", "swin_tiny_patch4_window7_224", "swin", "demo_swin", _DEMO, _DEMO_SWIN,
               pretraining="none", description="small Swin, patch 2, window 4 (CAM 8x8)"),
 )
