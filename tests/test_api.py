@@ -266,7 +266,7 @@ def test_readme_example_runs(tiny_project, tmp_path):
     for name in ("data", "checkpoints"):
         (work / name).symlink_to(tiny_project / name)
     (work / "example.py").write_text(python)
-    env = project_env(work)
+    env = project_env(tiny_project)  # the project's own source, run from another folder
     res = subprocess.run([sys.executable, "example.py"], cwd=work, env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
