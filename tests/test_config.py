@@ -42,7 +42,7 @@ def test_overrides_use_dotted_keys_and_yaml_values():
         ("train.epochs=abc", "train.epochs: got 'abc', expected an integer"),
         ("train.epochs=0", "train.epochs: got 0, expected > 0"),
         ("train.lr=-1", "train.lr: got -1.0, expected > 0"),
-        ("train.save_epochs=[9]", "train.save_epochs: epoch 9 outside 1..5"),
+        ("train.save_epochs=[19]", "train.save_epochs: epoch 19 outside 1..9"),
         ("train.head=conv", "train.head: got 'conv'; allowed: linear, mlp"),
         ("methods=[gradcam,shap]", "methods: unknown value 'shap'; allowed: gradcam"),
         ("methods=[]", "methods: empty list"),

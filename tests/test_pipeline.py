@@ -26,7 +26,8 @@ def test_results_have_one_row_per_method_dataset_model(tiny_project):
     assert combos == {(m, d, mo) for m in params["methods"] for d in params["datasets"]
                       for mo in params["models"]}
     cose = summary["cose"].dropna()
-    assert len(cose) > 0 and cose.between(0, 1).all()
+    # sqrt(consistency * (1 - fidelity)): fidelity is a mean SSIM in [-1, 1], so COSE <= sqrt(2)
+    assert len(cose) > 0 and cose.between(0, 2 ** 0.5).all()
     table = (tiny_project / "results" / "cose_table.md").read_text()
     assert "GradCAM++" in table and "SmoothGrad" in table and "%" in table
     metrics = json.loads((tiny_project / "results" / "metrics.json").read_text())
@@ -71,7 +72,7 @@ def test_mlflow_has_nested_tagged_runs_for_each_stage(tiny_project):
         assert r.data.tags["data.dvc.md5"] != "none"
     child = [r for r in runs if r.data.tags.get("dvc.stage") == "compile"
              and "mlflow.parentRunId" in r.data.tags]
-    assert child and "cose" in child[0].data.metrics
+    assert child and any("cose" in r.data.metrics for r in child)
     train = [r for r in runs if r.data.tags.get("dvc.stage") == "train"
              and "mlflow.parentRunId" in r.data.tags]
     hist = client.get_metric_history(train[0].info.run_id, "val_acc")
