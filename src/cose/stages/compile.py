@@ -123,6 +123,7 @@ def _artifact_folder(path: Path) -> str:
 
 
 def run(cfg: Config) -> pd.DataFrame:
+    journal = Journal.for_config("compile", cfg)  # tracking.required fails before any work
     pairs = load_pairs(cfg)
     from cose.data.validate import validate_pairs
 
@@ -135,7 +136,6 @@ def run(cfg: Config) -> pd.DataFrame:
     written = write_results(summary, pairs, common.RESULTS, accuracies)
     written += write_report(cfg, summary, pairs, common.RESULTS, accuracies)
 
-    journal = Journal.for_config("compile", cfg)
     journal.root_run.log_params(cfg.to_dict()["compile"], prefix="compile.")
     for path in written:
         journal.root_run.log_artifact(path, _artifact_folder(path))
