@@ -257,3 +257,12 @@ def test_dvc_remotes_committed_without_secrets():
     assert local.is_absolute() and ROOT not in local.parents
     dvc_ignore = (ROOT / ".dvc" / ".gitignore").read_text().split()
     assert "/config.local" in dvc_ignore
+
+
+def test_ruff_clean():
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install ruff)")
+    res = subprocess.run([ruff, "check", "src", "tests", "benchmarks"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -8,7 +8,6 @@ import shutil
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import sh
 
 pytestmark = pytest.mark.slow
