@@ -21,6 +21,7 @@ See docs/metric.md for tolerances against skimage/scipy and the deliberate devia
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -116,23 +117,32 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _map_chunks(fn, chunks: list, device: torch.device) -> list:
-    """``[fn(c) for c in chunks]``; on the CPU spread over ``torch.get_num_threads()`` Python
-    threads, each running torch single-threaded for the duration of the call.
+@contextlib.contextmanager
+def _cpu_workers(device: torch.device):
+    """Yield the number of chunk workers; on the CPU run torch single-threaded meanwhile.
 
-    Many small ops with OpenMP barriers stall badly on a busy machine (a descheduled OpenMP
-    thread holds up every barrier); independent chunks on plain threads do not. While this
-    runs, torch's intra-op thread count is 1 process-wide (restored afterwards).
+    On a busy machine, OpenMP-parallel torch ops stall (a descheduled OpenMP thread holds up
+    every barrier: single ops took 100x their time at load 10 on 2 cores); independent chunks
+    on plain Python threads do not. While this holds, torch's intra-op thread count is 1
+    process-wide (restored afterwards).
     """
     workers = torch.get_num_threads()
-    if device.type != "cpu" or workers <= 1 or len(chunks) <= 1:
-        return [fn(c) for c in chunks]
+    if device.type != "cpu" or workers <= 1:
+        yield workers
+        return
     with _THREADS_LOCK:
         torch.set_num_threads(1)
         try:
-            return list(_pool(workers).map(fn, chunks))
+            yield workers
         finally:
             torch.set_num_threads(workers)
+
+
+def _map_chunks(fn, chunks: list, workers: int) -> list:
+    """``[fn(c) for c in chunks]``, spread over ``workers`` threads when more than one."""
+    if workers <= 1 or len(chunks) <= 1:
+        return [fn(c) for c in chunks]
+    return list(_pool(workers).map(fn, chunks))
 
 
 # --------------------------------------------------------------------------- SSIM
@@ -223,6 +233,11 @@ def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
     map, mask or not). With ``mask`` (bool [B,H,W]) the SSIM image is averaged over the mask
     eroded by 5x5. NaN where undefined.
     """
+    with _cpu_workers(a.device if isinstance(a, torch.Tensor) else torch.device("cpu")) as n:
+        return _ssim(a, b, mask, n)
+
+
+def _ssim(a, b, mask, workers: int) -> torch.Tensor:
     a, b, mask = _check_pair(a, b, mask, "ssim")
     bsz, h, w = a.shape
     if h < WIN_SIZE or w < WIN_SIZE:
@@ -250,7 +265,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
             s = s.mul_(keep[sl])
         return s.sum(dim=(1, 2))
 
-    totals = _map_chunks(work, chunks, a.device)
+    totals = _map_chunks(work, chunks, workers)
     total = torch.cat(totals).to(out_dtype)
     if keep is None:
         count = torch.full_like(total, (h - 2 * pad) * (w - 2 * pad))
@@ -458,6 +473,11 @@ def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
     Rows of ``a`` that repeat (one original against many variants, e.g. ``map0.repeat(K, 1,
     1)`` or ``expand``) are ranked once when there is no mask (CPU float32).
     """
+    with _cpu_workers(a.device if isinstance(a, torch.Tensor) else torch.device("cpu")) as n:
+        return _spearman(a, b, mask, n)
+
+
+def _spearman(a, b, mask, workers: int) -> torch.Tensor:
     a, b, mask = _check_pair(a, b, mask, "spearman")
     bsz = a.shape[0]
     dtype = _result_dtype(a.device)
@@ -483,7 +503,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
         if repeated is not None:  # rank each distinct original once
             reps = xn[repeated[0].numpy()]
             rep_chunks = [slice(i, i + step) for i in range(0, reps.shape[0], step)]
-            done = _map_chunks(lambda sl: _np_pixel_ranks(reps[sl]), rep_chunks, y.device)
+            done = _map_chunks(lambda sl: _np_pixel_ranks(reps[sl]), rep_chunks, workers)
             rep_pixels = np.concatenate([d[0] for d in done])
             rep_sumsq = np.concatenate([d[1] for d in done])
             which = repeated[1].numpy()
@@ -495,7 +515,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
             shared = (rep_pixels[which[sl]], rep_sumsq[which[sl]])
             return _np_spearman_sums(None, yn[sl], vs, nn[sl], shared)
 
-        parts = _map_chunks(work, chunks, y.device)
+        parts = _map_chunks(work, chunks, workers)
         cxy, cxx, cyy = (torch.from_numpy(np.concatenate(t)) for t in zip(*parts))
     else:
 
@@ -503,7 +523,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
             vs = valid[sl] if valid is not None else None
             return _torch_spearman_sums(x[sl], y[sl], vs, n_valid[sl])
 
-        parts = _map_chunks(work_torch, chunks, y.device)
+        parts = _map_chunks(work_torch, chunks, workers)
         cxy, cxx, cyy = (torch.cat(t) for t in zip(*parts))
     cxy, cxx, cyy = (t.to(y.device, dtype) for t in (cxy, cxx, cyy))
     ok = ok & (n_valid >= 2) & (cxx > 0) & (cyy > 0)
