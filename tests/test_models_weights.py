@@ -154,7 +154,7 @@ def test_ibot_swin_ms_layout(tmp_path):
     ms["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(49, dtype=torch.long)
     ms["layers.0.blocks.1.attn_mask"] = torch.zeros(4, 16, 16)
     sd = {f"backbone.{k}": v for k, v in ms.items()}
-    sd["head.mlp.0.weight"] = torch.randn(8, 48)
+    sd["head.mlp.0.weight"] = torch.randn(8, 64)
     path = _save(tmp_path, {"state_dict": sd})
     m = M.create("demo_swin", 6, weights=path)
     _same_backbone(src, m, "head.fc.")
@@ -163,7 +163,7 @@ def test_ibot_swin_ms_layout(tmp_path):
 def test_torchvision_swin_layout_parity():
     from torchvision.models.swin_transformer import SwinTransformer
 
-    tv = SwinTransformer([2, 2], 24, [2, 2], [2, 4], [4, 4], stochastic_depth_prob=0.0,
+    tv = SwinTransformer([4, 4], 32, [2, 2], [2, 4], [4, 4], stochastic_depth_prob=0.0,
                          num_classes=5).eval()
     m = M.create("demo_swin", 5).eval()
     M.load_pretrained(m, tv.state_dict(), M.get("demo_swin"))
@@ -173,7 +173,7 @@ def test_torchvision_swin_layout_parity():
 
 def test_swin_window_mismatch_is_an_error(tmp_path):
     other = timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, img_size=32,
-                              patch_size=2, window_size=2, embed_dim=24, depths=(2, 2),
+                              patch_size=4, window_size=2, embed_dim=32, depths=(2, 2),
                               num_heads=(2, 4))
     with pytest.raises(ValueError, match="shape mismatch.*relative_position_bias_table"):
         M.create("demo_swin", 3, weights=_save(tmp_path, other.state_dict()))
