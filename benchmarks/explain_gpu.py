@@ -1,0 +1,933 @@
+"""Explain-stage throughput on one device: our explain unit vs the reference call pattern.
+
+    python benchmarks/explain_gpu.py --device cuda --models resnet50,vit_b16 --size 224 \
+        --images 8 --precision fp32,bf16 --budget-s 390 --json $OUT/explain_gpu.json
+    python benchmarks/explain_gpu.py --smoke --json /tmp/explain_gpu_smoke.json   # CPU, tiny
+
+What it measures, per (model, method, precision), in one run (docs/gpu.md):
+
+- ours: seconds per map of `cose.engine.explain_unit` on n images with every variant the
+  pipeline makes (13 transforms, 6 magnitudes, the random-init model, --checkpoints checkpoint
+  models; about 60 maps per image), maps, predictions and SSIM/Spearman included; every model
+  is built once, before the timing, and the unit is warmed up on a cut-down variant set first;
+- reference: seconds per map of the reference call pattern, reusing benchmarks/saliency_speed.py
+  (one image per call through pytorch-grad-cam / PAIR saliency / lime at the reference
+  settings, numpy round trips) plus the batch-1 prediction of the variant and the reference's
+  skimage SSIM + scipy Spearman against the image's first map (benchmarks/similarity_speed.py).
+  Always fp32 with PyTorch's default flags (what the reference ran), on its own copy of the
+  model (pytorch-grad-cam leaves hooks on the layer it watches; they are released after each
+  CAM method). PIL transforms and the reference's per-image checkpoint reloads are not timed;
+- limits: forward+backward to the input and forward-only img/s at --limit-batch
+  (saliency_speed.measure_limits), per precision, NCHW and, for conv nets, channels_last (the
+  faster counts); % of limit = model passes per map x maps/s over the limit (LIME: forward
+  limit; with its segmentation added to the limit time as well);
+- precisions: fp32 (TF32 off for matmul and cuDNN), tf32 (both on), bf16 (torch.autocast
+  around the model forward through a wrapper that returns float32 logits; the wrapper sits
+  around the conv+BN-folded copy for the methods that use one, as the engine's fast path
+  does). Each non-fp32 precision is compared with the fp32 run of the same images: Pearson per
+  map (maps whose class agrees), per-pair |SSIM difference|; >= 0.99 on every map to recommend.
+
+The budget (--budget-s) is shared out ahead: every (method, model) item is predicted from the
+measured limits (and, as the run goes, from what the finished items took); an item gets at
+least one image and one reference map, more while its share lasts, and is skipped (said so in
+the table and the JSON) when even that does not fit. Methods run cheapest first.
+It also projects the paper grid's GPU-hours (60 maps per image; 500 images for GradCAM,
+GradCAM++ and IG, 50 for the others; per (dataset, model) and for 13 models x 5 datasets).
+
+--smoke: CPU, demo_resnet at 32 px, 2 images, 2 checkpoints, reduced steps for ours (the
+reference keeps its own settings, so its speedups mean nothing there), fp32 and bf16 (CPU
+autocast): it exercises every code path in well under a minute. Its numbers are not results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cose import models as M
+from cose import saliency
+from cose import transforms as T
+from cose.engine import UnitResult, explain_unit
+
+HERE = Path(__file__).resolve().parent
+
+
+def _sibling(name: str):
+    """A module of this folder (the reference call pattern lives in saliency_speed.py)."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    return importlib.import_module(name)
+
+
+SP = _sibling("saliency_speed")  # Reference, measure_limits, make_images, PASSES, sync
+SIM = _sibling("similarity_speed")  # reference_pair: skimage SSIM + scipy Spearman
+
+SCHEMA = "cose.explain_gpu/1"
+METHODS = saliency.METHODS
+CAM_METHODS = ("gradcam", "gradcampp")
+PRECISIONS = ("fp32", "tf32", "bf16")
+MEAN = torch.tensor(SP.MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(SP.STD).view(1, 3, 1, 1)
+# PyTorch's own defaults at import (matmul TF32 off, cuDNN TF32 on): what the reference ran
+DEFAULT_FLAGS = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+# the paper's grid (BENCHMARKS.md): maps per image, images per method, models x datasets
+PAPER_MAPS_PER_IMAGE = 60
+PAPER_IMAGES = {"gradcam": 500, "gradcampp": 500, "ig": 500}  # others: 50
+PAPER_IMAGES_OTHER = 50
+PAPER_MODELS, PAPER_DATASETS = 13, 5
+TARGET_H_PER_DATASET_MODEL, TARGET_H_GRID = 0.5, 24.0  # BENCHMARKS.md: 30 min; one GPU-day
+
+SMOKE_SETTINGS = {
+    "ig": {"steps": 3},
+    "smoothgrad": {"samples": 3},
+    "blur_ig": {"steps": 3},
+    "guided_ig": {"steps": 3},
+    "lime": {"samples": 16},
+}
+WARM_SETTINGS = {
+    "ig": {"steps": 2},
+    "smoothgrad": {"samples": 2},
+    "blur_ig": {"steps": 2},
+    "guided_ig": {"steps": 2},
+    "lime": {"samples": 10},
+}
+# reference calls per map: (model calls, inputs per call), at the reference's settings
+REF_CALLS = {
+    "gradcam": (1, 1),
+    "gradcampp": (1, 1),
+    "ig": (2, 13),
+    "smoothgrad": (50, 1),
+    "blur_ig": (5, 20),
+    "guided_ig": (200, 1),
+    "lime": (100, 10),
+}
+# reference inputs after the originals: one variant each, cycled (content barely matters)
+REF_VARIANTS = (("Rotate", 45.0), ("Brightness", 0.5), ("FlipLR", 0.0), ("Blur", 0.0))
+EFFICIENCY_PRIOR = 0.4  # fraction of the limit assumed before anything is measured
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+@contextlib.contextmanager
+def precision_flags(mode: str):
+    """TF32 flags for `mode`: fp32/bf16 off, tf32 on, "reference" PyTorch's defaults."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if mode == "reference":
+        new = DEFAULT_FLAGS
+    else:
+        new = (mode == "tf32", mode == "tf32")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = new
+    try:
+        yield {"matmul_allow_tf32": new[0], "cudnn_allow_tf32": new[1]}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+class Autocast(nn.Module):
+    """Runs `module` under torch.autocast(device_type, dtype) and returns float32 outputs.
+
+    `module` keeps its name (cose.models.cam_layer unwraps `.module`, so CAMs hook the inner
+    layer). It refuses torch.fx tracing: tracing would drop the autocast region, so the
+    engine's conv+BN folding (`saliency._core.fast_model`) must fall back to this wrapper."""
+
+    def __init__(self, module: nn.Module, device_type: str, dtype=torch.bfloat16):
+        super().__init__()
+        self.module = module
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def forward(self, x):
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError("Autocast wrapper: not traceable (autocast would be lost)")
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            out = self.module(x)
+        return out.float()
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class Bundle:
+    """Every model one explain unit uses, loaded once."""
+
+    name: str
+    model: nn.Module
+    random: nn.Module
+    checkpoints: dict[str, nn.Module]
+    reference_model: nn.Module
+    build_s: float = 0.0
+    cache: dict = field(default_factory=dict)
+
+    def all(self) -> list[nn.Module]:
+        return [self.model, self.random, *self.checkpoints.values()]
+
+    def for_run(self, method: str, precision: str, device: torch.device, example):
+        """(model, random, checkpoints) as the unit gets them at `precision`."""
+        if precision != "bf16":
+            return self.model, self.random, self.checkpoints
+        key = (method in CAM_METHODS, precision)
+        if key not in self.cache:
+            wrapped = []
+            for m in self.all():
+                inner = m if method in CAM_METHODS else saliency._core.fast_model(m, example)
+                wrapped.append(Autocast(inner, device.type).eval())
+            names = list(self.checkpoints)
+            self.cache[key] = (wrapped[0], wrapped[1], dict(zip(names, wrapped[2:])))
+        return self.cache[key]
+
+
+def build_bundle(name: str, device: torch.device, n_ckpt: int) -> Bundle:
+    """The model (seed 0), the random-init model (seed 1) and `n_ckpt` checkpoint models,
+    random init with the reference's 10-class MLP head. Checkpoints are copies of the model
+    with every weight perturbed by 5% of its tensor's std (building each from scratch costs
+    seconds per ViT; the explain cost does not depend on the weights)."""
+    t0 = time.perf_counter()
+    model = M.create(name, 10, seed=0, head="mlp").to(device).eval()
+    rand = M.create(name, 10, seed=1, head="mlp").to(device).eval()
+    ckpts = {}
+    g = torch.Generator(device="cpu")
+    for k in range(n_ckpt):
+        c = copy.deepcopy(model)
+        g.manual_seed(100 + k)
+        with torch.no_grad():
+            for p in c.parameters():
+                if p.numel() > 1 and p.is_floating_point():
+                    noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+                    p.add_(noise * (0.05 * float(p.float().std())))
+        ckpts[f"mid_ckpt_e{2 * k + 1:03d}"] = c.eval()
+    ref = copy.deepcopy(model).eval()
+    return Bundle(name, model, rand, ckpts, ref, time.perf_counter() - t0)
+
+
+def has_convs(model: nn.Module) -> bool:
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 2
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def passes_per_map(method: str, settings: dict) -> int:
+    """Model passes per map at `settings` (saliency_speed.PASSES at the reference's)."""
+    s = {**saliency.defaults(method), **settings}
+    if method in CAM_METHODS:
+        return 1
+    if method == "ig":
+        return s["steps"]
+    if method == "smoothgrad":
+        return s["samples"]
+    if method == "blur_ig":
+        return max(1, s["steps"] - 1)  # step 0's blur derivative is 0: no model call
+    if method == "guided_ig":
+        return s["steps"]
+    return s["samples"]  # lime
+
+
+def maps_per_image(transforms: tuple[str, ...], magnitudes: int, n_ckpt: int) -> int:
+    signed = sum(1 for t in transforms if t in T.SIGNED)
+    return 1 + signed * magnitudes + (len(transforms) - signed) + 1 + n_ckpt
+
+
+def limits_for(bundle: Bundle, precision: str, size: int, device, batch: int, iters: int):
+    """Forward+backward and forward-only img/s at `precision`; channels_last too for convnets."""
+    out = {}
+    variants = [("nchw", bundle.model)]
+    if device.type == "cuda" and has_convs(bundle.model):
+        variants.append(("channels_last", copy.deepcopy(bundle.model).to(
+            memory_format=torch.channels_last)))
+    with precision_flags(precision):
+        for fmt, m in variants:
+            run = Autocast(m, device.type).eval() if precision == "bf16" else m
+            SP.measure_limits(run, size, device, batch, 1)  # warm-up: its one call is not enough
+            res = SP.measure_limits(run, size, device, batch, iters)
+            out[fmt] = {k: round(v, 2) for k, v in res.items()}
+    best = {k: max(v[k] for v in out.values()) for k in ("fwd_bwd_img_s", "fwd_img_s")}
+    del variants
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"model": bundle.name, "precision": precision, "batch": batch, **best, "formats": out}
+
+
+def batch1_latency(model: nn.Module, size: int, device, iters: int = 3) -> float:
+    """Seconds of one batch-1 forward+backward to the input (predicts the reference)."""
+    x = torch.randn(1, 3, size, size, device=device)
+
+    def once():
+        xi = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xi)[:, 0].sum(), xi)
+        return g
+
+    with precision_flags("reference"):
+        once()
+        SP.sync(device)
+        t = time.perf_counter()
+        for _ in range(iters):
+            once()
+        SP.sync(device)
+    return (time.perf_counter() - t) / iters
+
+
+def segmentation_seconds(size: int) -> float:
+    """One lime quickshift segmentation of a `size` px image (CPU)."""
+    from cose.saliency.lime import segment
+
+    img = SP.make_images(1, size, seed=3)[0].permute(1, 2, 0).double().numpy()
+    segment(img, np.random.RandomState(0))
+    t = time.perf_counter()
+    segment(img, np.random.RandomState(1))
+    return time.perf_counter() - t
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson of two maps; 1 where both are the same constant, 0 where one is constant."""
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    sa, sb = a.std(), b.std()
+    if sa == 0 or sb == 0:
+        return 1.0 if (sa == 0 and sb == 0 and np.allclose(a, b)) else 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def compare_units(a: UnitResult, b: UnitResult) -> dict:
+    """Maps and per-pair similarities of unit `b` against unit `a` (same images, settings and
+    variants; both run with keep_samples covering the images compared). Maps are compared
+    where the explained class agrees, pairs where both the original and the variant class do."""
+    sa, sb = a.samples, b.samples
+    if not sa or not sb:
+        raise ValueError("compare_units: both units need keep_samples > 0")
+    k = min(len(sa["pred"]), len(sb["pred"]))
+    if list(sa["variant_names"]) != list(sb["variant_names"]):
+        raise ValueError("compare_units: the units' variants differ")
+    maps_a = np.concatenate([sa["map"][None, :k], sa["variant_maps"][:, :k]])
+    maps_b = np.concatenate([sb["map"][None, :k], sb["variant_maps"][:, :k]])
+    pred_a = np.concatenate([sa["pred"][None, :k], sa["variant_pred"][:, :k]])
+    pred_b = np.concatenate([sb["pred"][None, :k], sb["variant_pred"][:, :k]])
+    agree = pred_a == pred_b
+    rs = [pearson(maps_a[v, i], maps_b[v, i]) for v, i in zip(*np.nonzero(agree))]
+
+    pa, pb = a.pairs, b.pairs
+    keys = ["test_idx", "transform_type", "transform_magnitude"]
+    if len(pa) != len(pb) or not pa[keys].equals(pb[keys]):
+        raise ValueError("compare_units: the units' pair records differ in order or content")
+    sel = pa["test_idx"].isin(list(sa["test_idx"][:k])).to_numpy()
+    same = sel & (pa["pred_class"].to_numpy() == pb["pred_class"].to_numpy()) & (
+        pa["t_pred_class"].to_numpy() == pb["t_pred_class"].to_numpy()
+    )
+
+    def maxdiff(col: str) -> tuple[float, int]:
+        """Largest |a - b| where both are finite; how many pairs are NaN on one side only."""
+        x, y = pa[col].to_numpy()[same], pb[col].to_numpy()[same]
+        both = np.isfinite(x) & np.isfinite(y)
+        one = int((np.isfinite(x) != np.isfinite(y)).sum())
+        return (float(np.abs(x[both] - y[both]).max()) if both.any() else 0.0), one
+
+    ssim_d, ssim_nan = maxdiff("ssim")
+    sp_d, sp_nan = maxdiff("spearman")
+
+    return {
+        "maps": int(agree.size),
+        "maps_compared": len(rs),
+        "maps_class_flips": int((~agree).sum()),
+        "pearson_min": round(min(rs), 5) if rs else None,
+        "pearson_p05": round(float(np.percentile(rs, 5)), 5) if rs else None,
+        "pearson_mean": round(float(np.mean(rs)), 5) if rs else None,
+        "pearson_frac_ge_0_99": round(float(np.mean(np.asarray(rs) >= 0.99)), 4) if rs else None,
+        "pairs": int(sel.sum()),
+        "pairs_compared": int(same.sum()),
+        "ssim_max_abs_diff": ssim_d,
+        "ssim_nan_on_one_side": ssim_nan,
+        "spearman_max_abs_diff": sp_d,
+        "spearman_nan_on_one_side": sp_nan,
+    }
+
+
+def release_cams(ref) -> None:
+    """Remove the hooks pytorch-grad-cam left on the reference model's layer."""
+    for cam in ref._cams.values():
+        cam.activations_and_grads.release()
+    ref._cams.clear()
+
+
+def reference_inputs(images01: torch.Tensor, count: int, normalize) -> torch.Tensor:
+    """`count` model inputs: the originals first, then variants of them (REF_VARIANTS)."""
+    n, size = images01.shape[0], images01.shape[-1]
+    rows = []
+    for j in range(count):
+        i, r = j % n, j // n
+        x = images01[i : i + 1]
+        if r:
+            name, mag = REF_VARIANTS[(r - 1) % len(REF_VARIANTS)]
+            if name in ("TranslateX", "TranslateY"):
+                mag = mag * size / T.REFERENCE_SIZE
+            x = T.apply(name, x, torch.tensor([mag], device=x.device))
+        rows.append(normalize(x))
+    return torch.cat(rows)
+
+
+def reference_warmup(bundle: Bundle, images01: torch.Tensor, device) -> bool:
+    """One cheap call of each reference library on the reference model (imports, CAM hooks,
+    first kernels), as saliency_speed.py warms up; False where a library is missing."""
+    try:
+        import lime.lime_image
+        import pytorch_grad_cam  # noqa: F401
+        import saliency.core  # noqa: F401
+    except ImportError:
+        return False
+    # lime draws a tqdm bar over its 1000 samples on every map: off (output noise; the
+    # reference only gets faster for it)
+    lime.lime_image.tqdm = lambda rows, *a, **k: rows
+    layer, reshape = M.cam_layer(bundle.reference_model)
+    ref = SP.Reference(bundle.reference_model, device, layer, reshape)
+    x = M.normalize(images01[:1], bundle.name)
+    with precision_flags("reference"):
+        ref.run("gradcam", x[0], 0)
+        release_cams(ref)
+        ref._call_model_function(x.permute(0, 2, 3, 1).cpu().numpy(), {"target": 0})
+        SP.sync(device)
+    a = np.random.default_rng(0).random((images01.shape[-1],) * 2).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        SIM.reference_pair(a, a[::-1].copy(), None)
+    return True
+
+
+def measure_reference(ref, method: str, xs: torch.Tensor, max_maps: int, share_s: float,
+                      deadline: float, guess_s: float, device) -> dict:
+    """Reference s/map over up to `max_maps` inputs, stopping when `share_s` is spent (always
+    one map unless the deadline is too close)."""
+    per_map, map_only = [], []
+    first: dict[int, np.ndarray] = {}
+    t_start = time.perf_counter()
+    est = guess_s
+    n_img = max(1, min(xs.shape[0], max_maps))
+    with precision_flags("reference"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for j in range(max_maps):
+            now = time.perf_counter()
+            if j and (now - t_start + est > share_s or now + est > deadline):
+                break
+            if not j and now + est > deadline:
+                break
+            x = xs[j % xs.shape[0]]
+            SP.sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():  # the reference predicts every variant, batch 1
+                target = int(ref.model(x[None]).argmax(1))
+            m = np.asarray(ref.run(method, x, target), dtype=np.float32)
+            SP.sync(device)
+            t1 = time.perf_counter()
+            a = first.setdefault(j % n_img, m)
+            SIM.reference_pair(a, m, None)
+            t2 = time.perf_counter()
+            per_map.append(t2 - t0)
+            map_only.append(t1 - t0)
+            est = statistics.median(per_map)
+    if method in CAM_METHODS:
+        release_cams(ref)
+    if not per_map:
+        return {"maps": 0}
+    return {
+        "maps": len(per_map),
+        "s_per_map": statistics.median(per_map),
+        "map_only_s_per_map": statistics.median(map_only),
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--models", default="resnet50,vit_b16", help="cose model names, comma list")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--images", type=int, default=8, help="at most this many images per unit")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--precision", default="fp32", help="comma list of fp32, tf32, bf16")
+    ap.add_argument("--checkpoints", type=int, default=10, help="checkpoint models per unit")
+    ap.add_argument("--magnitudes", type=int, default=T.DEFAULT_COUNT)
+    ap.add_argument("--unit-batch", type=int, default=256,
+                    help="explain_unit batch_size (the pipeline's explain.batch_size)")
+    ap.add_argument("--saliency-batch", type=int, default=None,
+                    help="saliency batch_size setting (default: auto by device)")
+    ap.add_argument("--ref-maps", type=int, default=8, help="at most this many reference maps")
+    ap.add_argument("--ref-methods", default=None,
+                    help="methods whose reference is measured, comma list (default: all)")
+    ap.add_argument("--limit-batch", type=int, default=128)
+    ap.add_argument("--limit-iters", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=390.0, help="wall-clock budget, seconds")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU, demo_resnet at 32 px, 2 images, reduced steps: a functional check")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.device, args.models, args.size, args.images = "cpu", "demo_resnet", 32, 2
+        args.checkpoints, args.magnitudes, args.ref_maps = 2, 2, 2
+        args.limit_batch, args.limit_iters = 8, 2
+        # one thread: on a shared CPU, OpenMP barriers stall for seconds under load
+        args.threads = args.threads or 1
+        if args.precision == "fp32":
+            args.precision = "fp32,bf16"
+        # a loose allocator budget, so that every method runs on a busy CPU; the run itself
+        # takes seconds
+        args.budget_s = min(args.budget_s, 150.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    t_start = time.perf_counter()
+    deadline = t_start + args.budget_s
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    methods = [m for m in args.methods.split(",") if m]
+    model_names = [m for m in args.models.split(",") if m]
+    precisions = [p for p in args.precision.split(",") if p]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"--methods: unknown {m!r}; allowed: {', '.join(METHODS)}")
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise SystemExit(f"--precision: unknown {p!r}; allowed: {', '.join(PRECISIONS)}")
+    if "fp32" in precisions:  # fp32 first: the other precisions are compared with it
+        precisions = ["fp32"] + [p for p in precisions if p != "fp32"]
+    for name in model_names:
+        try:
+            M.get(name)
+        except ValueError as e:
+            raise SystemExit(f"--models: {e}") from None
+    methods.sort(key=METHODS.index)
+    ref_methods = set(args.ref_methods.split(",")) if args.ref_methods else set(METHODS)
+    settings_base = {"batch_size": args.saliency_batch} if args.saliency_batch else {}
+    settings = {
+        m: {**(SMOKE_SETTINGS.get(m, {}) if args.smoke else {}), **settings_base} for m in methods
+    }
+    sal_batch = args.saliency_batch or saliency.AUTO_BATCH_SIZE.get(
+        device.type, saliency.AUTO_BATCH_SIZE["other"])
+    transforms = T.TRANSFORMS
+    mpi = maps_per_image(transforms, args.magnitudes, args.checkpoints)
+    notes: list[str] = [
+        "ours: cose.engine.explain_unit over n images x every variant (maps, predictions, "
+        "inverse transforms, SSIM/Spearman) after a warm-up on a cut-down variant set",
+        "reference: saliency_speed.Reference (one image per call, reference settings) + a "
+        "batch-1 prediction + skimage SSIM / scipy Spearman per map, fp32 with PyTorch's default "
+        "TF32 flags; PIL transforms and per-image checkpoint reloads not timed",
+        "checkpoints: copies of the random-init model with weights perturbed by 5% of each "
+        "tensor's std, built once before the timing",
+    ]
+    if "bf16" in precisions:
+        notes.append("bf16: torch.autocast wrapper around the model (conv+BN-folded copy for "
+                     "the non-CAM methods), float32 logits; explain_unit has no precision hook")
+    if args.smoke:
+        notes.append("SMOKE: tiny model, CPU, reduced steps for ours only; not a result")
+
+    # ---- setup: models, images, limits
+    print(f"setup: device {device}, models {model_names}, methods {methods}, "
+          f"precisions {precisions}, budget {args.budget_s:.0f} s", flush=True)
+    images01 = (SP.make_images(args.images, args.size) * STD + MEAN).clamp(0, 1).to(device)
+    labels = torch.arange(args.images, device=device) % 10
+    bundles: dict[str, Bundle] = {}
+    limits: dict[tuple[str, str], dict] = {}
+    lat1: dict[str, float] = {}
+    for name in model_names:
+        b = build_bundle(name, device, args.checkpoints)
+        try:
+            with torch.no_grad():
+                b.model(M.normalize(images01[:1], name))
+        except Exception as e:  # wrong size for a ViT, ...
+            raise SystemExit(f"{name} at {args.size} px: {e}") from None
+        bundles[name] = b
+        for p in precisions:
+            limits[(name, p)] = limits_for(b, p, args.size, device, args.limit_batch,
+                                           args.limit_iters)
+            lm = limits[(name, p)]
+            print(f"  {name} {p}: fwd+bwd {lm['fwd_bwd_img_s']:.1f} img/s, "
+                  f"fwd {lm['fwd_img_s']:.1f} img/s @ batch {args.limit_batch}", flush=True)
+        lat1[name] = batch1_latency(b.model, args.size, device)
+        with precision_flags("fp32"):  # first use of every transform and similarity kernel
+            explain_unit(b.model, images01[:1], labels[:1], [0], "gradcam",
+                         functools.partial(M.normalize, name_or_spec=name), magnitudes=1,
+                         random_model=b.random, batch_size=args.unit_batch)
+            SP.sync(device)
+        if not reference_warmup(b, images01, device):
+            notes.append("reference libraries missing (pytorch-grad-cam, saliency, lime): "
+                         "reference not measured")
+    seg_s = segmentation_seconds(args.size) if "lime" in methods else 0.0
+    threads = torch.get_num_threads()
+    print(f"  setup {time.perf_counter() - t_start:.1f} s (models "
+          f"{sum(b.build_s for b in bundles.values()):.1f} s); quickshift {seg_s:.3f} s/image; "
+          f"{threads} torch threads", flush=True)
+
+    def pred_ours_img(method: str, name: str, prec: str) -> float:
+        lm = limits[(name, prec)]
+        passes = passes_per_map(method, settings[method])
+        if method == "lime":
+            per = passes / (lm["fwd_img_s"] * EFFICIENCY_PRIOR) + seg_s / threads
+        else:
+            per = passes / (lm["fwd_bwd_img_s"] * EFFICIENCY_PRIOR)
+        return mpi * (per + 1.0 / lm["fwd_img_s"])
+
+    def pred_ref_map(method: str, name: str) -> float:
+        calls, per_call = REF_CALLS[method]
+        lm = limits[(name, precisions[0])]
+        t = calls * (max(lat1[name], per_call / lm["fwd_bwd_img_s"]) + 0.002)
+        return t + (seg_s if method == "lime" else 0.0)
+
+    # measured / predicted time, per (model, precision) for ours, per model for the reference
+    ratios_ours: dict[tuple[str, str], list[float]] = {}
+    ratios_ref: dict[str, list[float]] = {}
+
+    def corr(r: list[float] | None) -> float:
+        return statistics.median(r) if r else 1.0
+
+    def c_ours(name: str, prec: str) -> float:
+        own = ratios_ours.get((name, prec))
+        if own:
+            return corr(own)
+        return corr([v for (n2, _), vs in ratios_ours.items() if n2 == name for v in vs])
+
+    def ours_img(method: str, name: str, prec: str) -> float:
+        return pred_ours_img(method, name, prec) * c_ours(name, prec)
+
+    def item_min(method: str, name: str) -> float:
+        ours = sum(ours_img(method, name, p) * 1.15 for p in precisions)
+        return ours + pred_ref_map(method, name) * corr(ratios_ref.get(name))
+
+    def snapshot(complete: bool) -> dict:
+        elapsed = time.perf_counter() - t_start
+        meta = {
+            "device": str(device),
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else platform.processor() or platform.machine()),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": threads,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "models": model_names,
+            "methods": methods,
+            "precisions": precisions,
+            "size": args.size,
+            "images_requested": args.images,
+            "checkpoints": args.checkpoints,
+            "magnitudes": args.magnitudes,
+            "transforms": list(transforms),
+            "maps_per_image": mpi,
+            "unit_batch_size": args.unit_batch,
+            "saliency_batch_size": sal_batch,
+            "limit_batch": args.limit_batch,
+            "settings": settings,
+            "default_flags": {"matmul_allow_tf32": DEFAULT_FLAGS[0],
+                              "cudnn_allow_tf32": DEFAULT_FLAGS[1]},
+            "budget_s": args.budget_s,
+            "elapsed_s": round(elapsed, 2),
+            "over_budget": elapsed > args.budget_s,
+            "smoke": bool(args.smoke),
+            "notes": notes,
+            "complete": complete,
+        }
+        return {
+            "schema": SCHEMA, "meta": meta, "limits": list(limits.values()), "rows": rows,
+            "skipped": skipped, "projection": project(rows, model_names, precisions, methods),
+            "grid_mean_of_models": grid_mean(project(rows, model_names, precisions, methods)),
+            "recommendations": recommendations(rows, model_names, precisions),
+        }
+
+    # ---- items
+    items = [(m, n) for m in methods for n in model_names]
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    for idx, (method, name) in enumerate(items):
+        b = bundles[name]
+        norm = functools.partial(M.normalize, name_or_spec=name)
+        now = time.perf_counter()
+        remaining = deadline - now
+        need = item_min(method, name)
+        future = sum(item_min(m2, n2) for m2, n2 in items[idx + 1 :])
+        if remaining < need * 1.1:
+            reason = (f"budget: predicted {need:.0f} s for one image and one reference map, "
+                      f"{remaining:.0f} s left")
+            print(f"skip {name} {method}: {reason}", flush=True)
+            for p in precisions:
+                skipped.append({"model": name, "method": method, "precision": p,
+                                "reason": reason})
+            continue
+        extra = max(0.0, remaining - future - need)
+        share = need + extra * need / (need + future)
+        print(f"{name} {method}: share {share:.0f} s of {remaining:.0f} s left "
+              f"(at {now - t_start:.0f} s)", flush=True)
+
+        # reference (fp32, PyTorch's default flags), on its own model copy
+        ref_res, ref_cut = {"maps": 0}, ""
+        if method not in ref_methods:
+            ref_cut = "reference not measured (--ref-methods)"
+        else:
+            n_ref = max(1, args.ref_maps)
+            guess = pred_ref_map(method, name) * corr(ratios_ref.get(name))
+            t0 = time.perf_counter()
+            try:
+                layer, reshape = M.cam_layer(b.reference_model)
+                ref = SP.Reference(b.reference_model, device, layer, reshape)
+                xs = reference_inputs(images01, n_ref, norm)
+                ref_res = measure_reference(ref, method, xs, n_ref, max(0.3 * share, guess),
+                                            deadline, guess, device)
+            except ImportError as e:
+                ref_cut = f"reference not measured: {e}"
+            if ref_res["maps"]:
+                ratios_ref.setdefault(name, []).append(
+                    (time.perf_counter() - t0) / ref_res["maps"] / pred_ref_map(method, name))
+            if not ref_cut and ref_res["maps"] < n_ref:
+                ref_cut = f"reference cut to {ref_res['maps']} of {n_ref} maps (budget)"
+        spent = time.perf_counter() - now
+
+        # ours, every precision on the same n images
+        per_img = sum(ours_img(method, name, p) for p in precisions)
+        left_item = max(share - spent, 0.0)
+        n = int(max(1, min(args.images, left_item // max(per_img, 1e-9))))
+        while n > 1 and time.perf_counter() + n * per_img * 1.1 > deadline:
+            n -= 1
+        keep = n if len(precisions) > 1 and "fp32" in precisions else 0
+        idx_list = list(range(n))
+        fp32_res: UnitResult | None = None
+        for prec in precisions:
+            pred = ours_img(method, name, prec) * n
+            if time.perf_counter() + pred > deadline + 0.1 * args.budget_s:
+                reason = f"budget: predicted {pred:.0f} s, {deadline - time.perf_counter():.0f} s left"
+                print(f"skip {name} {method} {prec}: {reason}", flush=True)
+                skipped.append({"model": name, "method": method, "precision": prec,
+                                "reason": reason})
+                continue
+            example = M.normalize(images01[:1], name)
+            with precision_flags(prec) as flags:
+                model, rand, ckpts = b.for_run(method, prec, device, example)
+                warm = {**WARM_SETTINGS.get(method, {}), **settings_base}
+                explain_unit(model, images01[:1], labels[:1], [0], method, norm,
+                             transforms=("FlipLR", "Rotate"), magnitudes=1, random_model=rand,
+                             checkpoints=ckpts, settings=warm, batch_size=args.unit_batch)
+                SP.sync(device)
+                t0 = time.perf_counter()
+                res = explain_unit(model, images01[:n], labels[:n], idx_list, method, norm,
+                                   transforms=transforms, magnitudes=args.magnitudes, seed=0,
+                                   random_model=rand, checkpoints=ckpts,
+                                   settings=settings[method], batch_size=args.unit_batch,
+                                   keep_samples=keep)
+                SP.sync(device)
+                dt = time.perf_counter() - t0
+            maps = len(res.pairs) + n  # one pair per variant map, plus the originals
+            s_map = dt / maps
+            ratios_ours.setdefault((name, prec), []).append(
+                dt / (n * pred_ours_img(method, name, prec)))
+            lm = limits[(name, prec)]
+            passes = passes_per_map(method, settings[method])
+            kind = "fwd_img_s" if method == "lime" else "fwd_bwd_img_s"
+            pct = 100 * passes / s_map / lm[kind]
+            row = {
+                "model": name, "method": method, "precision": prec, "status": "ok",
+                "images": n, "images_requested": args.images, "maps": maps,
+                "maps_per_image": maps // n, "ours_s": round(dt, 4),
+                "ours_s_per_map": s_map, "passes_per_map": passes,
+                "limit_kind": kind, "limit_img_s": lm[kind], "pct_of_limit": round(pct, 2),
+                "reference_maps": ref_res["maps"],
+                "reference_s_per_map": ref_res.get("s_per_map"),
+                "reference_map_only_s_per_map": ref_res.get("map_only_s_per_map"),
+                "reference_precision": "fp32 (PyTorch default flags)",
+                "speedup": (ref_res["s_per_map"] / s_map) if ref_res.get("s_per_map") else None,
+                "unit_batch_size": args.unit_batch, "saliency_batch_size": sal_batch,
+                "flags": flags, "parity_vs_fp32": None, "notes": [],
+            }
+            if method == "lime":  # the target adds the segmentation to the limit time
+                t_lim = passes / lm["fwd_img_s"] + seg_s / min(threads, maps)
+                row["segmentation_s_per_image"] = seg_s
+                row["pct_of_limit_with_segmentation"] = round(100 * t_lim / s_map, 2)
+            if n < args.images:
+                row["notes"].append(f"ours on {n} of {args.images} images (budget)")
+            if ref_cut:
+                row["notes"].append(ref_cut)
+            if prec == "fp32":
+                fp32_res = res
+            elif fp32_res is not None and keep:
+                row["parity_vs_fp32"] = compare_units(fp32_res, res)
+            rows.append(row)
+            par = row["parity_vs_fp32"]
+            print(
+                f"  {prec}: {n} img x {maps // n} maps, ours {s_map:.5f} s/map "
+                f"({pct:.1f}% of limit)"
+                + (f", reference {row['reference_s_per_map']:.4f} s/map over "
+                   f"{row['reference_maps']} maps, speedup {row['speedup']:.1f}x"
+                   if row["speedup"] else "")
+                + (f", Pearson vs fp32 min {par['pearson_min']}" if par else ""),
+                flush=True,
+            )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+        if args.json:  # what is done so far survives a kill
+            write_json(args.json, snapshot(False))
+
+    result = snapshot(True)
+    print_tables(result)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def finite(obj):
+    """`obj` with NaN and infinities as None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(finite(result), indent=1, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def paper_maps(method: str) -> int:
+    return PAPER_MAPS_PER_IMAGE * PAPER_IMAGES.get(method, PAPER_IMAGES_OTHER)
+
+
+def project(rows, model_names, precisions, methods) -> list[dict]:
+    """GPU-hours of the paper grid from the measured s/map (ours, and the reference)."""
+    out = []
+    for name in model_names:
+        for prec in precisions:
+            got = {r["method"]: r for r in rows if r["model"] == name and r["precision"] == prec}
+            if not got:
+                continue
+            ours = sum(paper_maps(m) * r["ours_s_per_map"] for m, r in got.items()) / 3600
+            refs = [r for r in got.values() if r["reference_s_per_map"]]
+            ref = sum(paper_maps(r["method"]) * r["reference_s_per_map"] for r in refs) / 3600
+            grid = PAPER_MODELS * PAPER_DATASETS
+            out.append({
+                "model": name, "precision": prec,
+                "methods": sorted(got, key=METHODS.index),
+                "missing": [m for m in METHODS if m not in got],
+                "complete": all(m in got for m in METHODS),
+                "ours_h_per_dataset_model": round(ours, 4),
+                "reference_h_per_dataset_model": round(ref, 4) if refs else None,
+                "reference_methods": sorted((r["method"] for r in refs), key=METHODS.index),
+                "ours_h_grid": round(ours * grid, 3),
+                "meets_30_min_per_dataset_model": ours <= TARGET_H_PER_DATASET_MODEL,
+                "meets_gpu_day_grid": ours * grid <= TARGET_H_GRID,
+                "reference_h_grid": round(ref * grid, 3) if refs else None,
+                "grid": f"{PAPER_MODELS} models x {PAPER_DATASETS} datasets, every model "
+                        f"costing what {name} costs",
+            })
+    return out
+
+
+def grid_mean(projection: list[dict]) -> list[dict]:
+    """The 13 x 5 grid at the mean per-(dataset, model) cost of the models measured in full."""
+    out = []
+    for prec in dict.fromkeys(p["precision"] for p in projection):
+        full = [p for p in projection if p["precision"] == prec and p["complete"]]
+        if not full:
+            continue
+        h = statistics.mean(p["ours_h_per_dataset_model"] for p in full)
+        out.append({"precision": prec, "models": [p["model"] for p in full],
+                    "ours_h_per_dataset_model": round(h, 4),
+                    "ours_h_grid": round(h * PAPER_MODELS * PAPER_DATASETS, 3),
+                    "meets_gpu_day_grid": h * PAPER_MODELS * PAPER_DATASETS <= TARGET_H_GRID})
+    return out
+
+
+def recommendations(rows, model_names, precisions) -> list[dict]:
+    out = []
+    for name in model_names:
+        for prec in precisions:
+            if prec == "fp32":
+                continue
+            got = [r for r in rows if r["model"] == name and r["precision"] == prec]
+            par = {r["method"]: r["parity_vs_fp32"] for r in got if r["parity_vs_fp32"]}
+            if not par:
+                continue
+            ok = {m: (p["pearson_min"] is not None and p["pearson_min"] >= 0.99)
+                  for m, p in par.items()}
+            out.append({"model": name, "precision": prec, "methods_ok": ok,
+                        "recommended_for": sorted((m for m, v in ok.items() if v),
+                                                  key=METHODS.index)})
+    return out
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def print_tables(result: dict) -> None:
+    meta = result["meta"]
+    print(f"\n{meta['device_name']} ({meta['device']}), torch {meta['torch']}, "
+          f"size {meta['size']}, {meta['maps_per_image']} maps/image, unit batch "
+          f"{meta['unit_batch_size']}, saliency batch {meta['saliency_batch_size']}, limit batch "
+          f"{meta['limit_batch']}" + (" — SMOKE, not a result" if meta["smoke"] else ""))
+    print("| model | method | precision | images | ours s/map | reference s/map (maps) "
+          "| speedup | % of limit | Pearson vs fp32 (min) | notes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        par = r["parity_vs_fp32"]
+        pct = _f(r["pct_of_limit"], ".1f")
+        if "pct_of_limit_with_segmentation" in r:
+            pct += f" ({r['pct_of_limit_with_segmentation']:.1f} w/ seg)"
+        print(f"| {r['model']} | {r['method']} | {r['precision']} | {r['images']} | "
+              f"{r['ours_s_per_map']:.5f} | {_f(r['reference_s_per_map'], '.4f')} "
+              f"({r['reference_maps']}) | {_f(r['speedup'], '.1f')} | {pct} | "
+              f"{_f(par['pearson_min'] if par else None, '.4f')} | {'; '.join(r['notes'])} |")
+    for s in result["skipped"]:
+        print(f"| {s['model']} | {s['method']} | {s['precision']} | skipped | | | | | | "
+              f"{s['reason']} |")
+    print("\nlimits (img/s):")
+    for lm in result["limits"]:
+        print(f"  {lm['model']} {lm['precision']}: fwd+bwd {lm['fwd_bwd_img_s']:.1f}, "
+              f"fwd {lm['fwd_img_s']:.1f} (batch {lm['batch']}; {sorted(lm['formats'])})")
+    print("\npaper grid projection (hours on this device):")
+    print("| model | precision | ours h per (dataset, model) | reference h | ours h, 13x5 grid "
+          "| reference h, grid | missing methods |")
+    print("|---|---|---|---|---|---|---|")
+    for p in result["projection"]:
+        print(f"| {p['model']} | {p['precision']} | {p['ours_h_per_dataset_model']:.3f} | "
+              f"{_f(p['reference_h_per_dataset_model'], '.3f')} | {p['ours_h_grid']:.2f} | "
+              f"{_f(p['reference_h_grid'], '.2f')} | {', '.join(p['missing']) or '-'} |")
+    for g in result["grid_mean_of_models"]:
+        print(f"grid at the mean of {', '.join(g['models'])} ({g['precision']}): "
+              f"{g['ours_h_grid']:.2f} h for 13 models x 5 datasets")
+    for rec in result["recommendations"]:
+        print(f"{rec['model']} {rec['precision']}: Pearson >= 0.99 on every map for "
+              f"{', '.join(rec['recommended_for']) or 'no method'}")
+    print(f"elapsed {meta['elapsed_s']:.1f} s of a {meta['budget_s']:.0f} s budget"
+          + (" (OVER BUDGET)" if meta["over_budget"] else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The GPU benchmark script (its CPU smoke run) and the CUDA parity of the explain unit.
+
+(a) `benchmarks/explain_gpu.py --smoke` runs every code path on the CPU with a tiny model and
+    writes a JSON whose schema and numbers are checked here.
+(b) On a CUDA machine (marked `gpu`, skipped elsewhere): `cose.engine.explain_unit` on CUDA vs
+    on the CPU, same models, images and settings, for each of the seven methods: every map
+    whose explained class agrees has Pearson >= 0.99 with its CPU twin, and every pair's SSIM
+    agrees within 1e-3. Strict fp32 (no TF32) on both sides: TF32 and bf16 are measured by the
+    benchmark (`--precision`), not asserted here.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cose import models as M
+from cose import saliency
+from cose.engine import explain_unit
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "explain_gpu.py"
+
+
+def _bench():
+    """benchmarks/explain_gpu.py as a module (it is a script, not part of the package)."""
+    if "explain_gpu" in sys.modules:
+        return sys.modules["explain_gpu"]
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("explain_gpu", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["explain_gpu"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+# ----------------------------------------------------------------------------- (a) smoke
+
+
+def test_smoke_run_writes_the_schema(tmp_path):
+    pytest.importorskip("pytorch_grad_cam")
+    pytest.importorskip("saliency.core")
+    pytest.importorskip("lime")
+    out = tmp_path / "smoke.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--json", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "SMOKE, not a result" in res.stdout
+    data = json.loads(out.read_text())
+
+    assert data["schema"] == "cose.explain_gpu/1"
+    assert set(data) >= {"meta", "limits", "rows", "skipped", "projection",
+                         "grid_mean_of_models", "recommendations"}
+    meta = data["meta"]
+    assert meta["smoke"] is True and meta["complete"] is True and meta["device"] == "cpu"
+    assert meta["precisions"] == ["fp32", "bf16"]
+    assert meta["device_name"] and meta["torch"]
+    for key in ("maps_per_image", "unit_batch_size", "saliency_batch_size", "limit_batch",
+                "budget_s", "elapsed_s"):
+        assert _positive(meta[key]), key
+    assert not meta["over_budget"]
+
+    assert len(data["limits"]) == 2  # one model x two precisions
+    for lm in data["limits"]:
+        assert _positive(lm["fwd_bwd_img_s"]) and _positive(lm["fwd_img_s"])
+        assert _positive(lm["batch"])
+
+    # every method at both precisions, none skipped (the smoke budget is loose)
+    assert data["skipped"] == []
+    got = {(r["method"], r["precision"]) for r in data["rows"]}
+    assert got == {(m, p) for m in saliency.METHODS for p in ("fp32", "bf16")}
+    for r in data["rows"]:
+        assert r["status"] == "ok"
+        for key in ("images", "maps", "maps_per_image", "ours_s", "ours_s_per_map",
+                    "passes_per_map", "limit_img_s", "pct_of_limit", "reference_maps",
+                    "reference_s_per_map", "reference_map_only_s_per_map", "speedup",
+                    "unit_batch_size", "saliency_batch_size"):
+            assert _positive(r[key]), (r["method"], r["precision"], key, r[key])
+        assert r["maps"] == r["images"] * r["maps_per_image"] == r["images"] * meta[
+            "maps_per_image"]
+        assert r["limit_kind"] == ("fwd_img_s" if r["method"] == "lime" else "fwd_bwd_img_s")
+        assert set(r["flags"]) == {"matmul_allow_tf32", "cudnn_allow_tf32"}
+        if r["method"] == "lime":
+            assert _positive(r["pct_of_limit_with_segmentation"])
+        if r["precision"] == "fp32":
+            assert r["parity_vs_fp32"] is None
+        else:  # compared with the fp32 run of the same images
+            par = r["parity_vs_fp32"]
+            assert par["maps"] == r["maps"] and par["maps_compared"] >= 1
+            assert -1.0 <= par["pearson_min"] <= par["pearson_mean"] <= 1.0
+            assert par["ssim_max_abs_diff"] >= 0
+
+    assert {p["precision"] for p in data["projection"]} == {"fp32", "bf16"}
+    for p in data["projection"]:
+        assert p["complete"] and p["missing"] == []
+        for key in ("ours_h_per_dataset_model", "reference_h_per_dataset_model",
+                    "ours_h_grid", "reference_h_grid"):
+            assert _positive(p[key]), key
+        assert p["ours_h_grid"] == pytest.approx(65 * p["ours_h_per_dataset_model"], rel=1e-3)
+    assert [g["precision"] for g in data["grid_mean_of_models"]] == ["fp32", "bf16"]
+    assert [r["precision"] for r in data["recommendations"]] == ["bf16"]
+
+
+def test_passes_per_map_match_the_reference_count():
+    bench = _bench()
+    for m in saliency.METHODS:
+        assert bench.passes_per_map(m, {}) == bench.SP.PASSES[m]
+    import cose.transforms as T
+
+    assert bench.maps_per_image(T.TRANSFORMS, 6, 10) == 60  # the paper's ~60 maps per image
+
+
+def test_compare_units_finds_identical_runs_identical():
+    bench = _bench()
+    torch.manual_seed(0)
+    model = M.create("demo_resnet", 10, seed=0)
+    x = torch.rand(2, 3, 32, 32)
+    kw = dict(transforms=("FlipLR", "Rotate", "Brightness"), magnitudes=2, keep_samples=2,
+              settings={"steps": 3})
+    y = torch.zeros(2, dtype=torch.long)
+    a = explain_unit(model, x, y, [0, 1], "ig", lambda t: t, **kw)
+    b = explain_unit(model, x, y, [0, 1], "ig", lambda t: t, **kw)
+    par = bench.compare_units(a, b)
+    assert par["maps_compared"] == par["maps"] == 2 * (1 + 1 + 2 + 2)  # original, FlipLR, 2+2
+    assert par["pearson_min"] == pytest.approx(1.0)
+    assert par["ssim_max_abs_diff"] == 0 and par["maps_class_flips"] == 0
+
+
+# ----------------------------------------------------------------------------- (b) CUDA parity
+
+PARITY_SETTINGS = {
+    "ig": {"steps": 8},
+    "smoothgrad": {"samples": 8},
+    "blur_ig": {"steps": 8},
+    "guided_ig": {"steps": 16},
+    "lime": {"samples": 100},
+}
+_MODELS: dict[str, tuple] = {}
+
+
+def _models(name: str):
+    """(model, random, checkpoints) on the CPU, built once per model name."""
+    if name not in _MODELS:
+        model = M.create(name, 10, seed=0)
+        rand = M.create(name, 10, seed=1)
+        ckpts = {f"mid_ckpt_e{e:03d}": M.create(name, 10, seed=10 + e) for e in (1, 3)}
+        _MODELS[name] = (model, rand, ckpts)
+    return _MODELS[name]
+
+
+@pytest.fixture
+def strict_fp32():
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model_name", ["demo_resnet", "demo_vit"])
+@pytest.mark.parametrize("method", saliency.METHODS)
+def test_explain_unit_on_cuda_matches_cpu(method, model_name, strict_fp32):
+    if method == "lime":
+        pytest.importorskip("lime")
+    bench = _bench()
+    model, rand, ckpts = _models(model_name)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 32, 32, generator=g)
+    images = torch.nn.functional.avg_pool2d(images, 3, 1, 1)  # smoother, image-like
+    labels = torch.tensor([0, 1, 2])
+
+    def run(device: str):
+        dev = torch.device(device)
+        cp = {k: copy.deepcopy(v).to(dev) for k, v in ckpts.items()}
+        return explain_unit(
+            copy.deepcopy(model).to(dev), images.to(dev), labels.to(dev), [0, 1, 2], method,
+            lambda t: M.normalize(t, model_name), random_model=copy.deepcopy(rand).to(dev),
+            checkpoints=cp, settings=PARITY_SETTINGS.get(method, {}), keep_samples=3,
+        )
+
+    cpu, cuda = run("cpu"), run("cuda")
+    par = bench.compare_units(cpu, cuda)
+    # a near-tie logit may pick another class on another device; those maps explain another
+    # class and are left out, but they must stay rare
+    assert par["maps_class_flips"] <= 0.05 * par["maps"], par
+    assert par["maps_compared"] >= 0.95 * par["maps"], par
+    assert par["pearson_min"] >= 0.99, par
+    assert par["ssim_max_abs_diff"] <= 1e-3, par
+    assert par["ssim_nan_on_one_side"] == 0, par
