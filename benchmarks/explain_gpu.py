@@ -670,8 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         need = item_min(method, name)
         future = sum(item_min(m2, n2) for m2, n2 in items[idx + 1 :])
         if remaining < need * 1.1:
-            reason = (f"budget: predicted {need:.0f} s for one image and one reference map, "
-                      f"{remaining:.0f} s left")
+            reason = (f"budget: predicted {need:.1f} s for one image and one reference map, "
+                      f"{remaining:.1f} s left")
             print(f"skip {name} {method}: {reason}", flush=True)
             for p in precisions:
                 skipped.append({"model": name, "method": method, "precision": p,
@@ -717,7 +717,8 @@ def main(argv: list[str] | None = None) -> int:
         for prec in precisions:
             pred = ours_img(method, name, prec) * n
             if time.perf_counter() + pred > deadline + 0.1 * args.budget_s:
-                reason = f"budget: predicted {pred:.0f} s, {deadline - time.perf_counter():.0f} s left"
+                reason = (f"budget: predicted {pred:.1f} s, "
+                          f"{deadline - time.perf_counter():.1f} s left")
                 print(f"skip {name} {method} {prec}: {reason}", flush=True)
                 skipped.append({"model": name, "method": method, "precision": prec,
                                 "reason": reason})

@@ -115,6 +115,25 @@ def test_smoke_run_writes_the_schema(tmp_path):
     assert [r["precision"] for r in data["recommendations"]] == ["bf16"]
 
 
+def test_smoke_run_skips_what_the_budget_does_not_fit(tmp_path):
+    pytest.importorskip("pytorch_grad_cam")
+    pytest.importorskip("saliency.core")
+    pytest.importorskip("lime")
+    out = tmp_path / "skip.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--budget-s", "0.5", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["rows"] == [] and data["projection"] == []
+    assert len(data["skipped"]) == 2 * len(saliency.METHODS)
+    assert all(s["reason"].startswith("budget:") for s in data["skipped"])
+    assert data["meta"]["complete"] and data["meta"]["over_budget"]
+    assert "skipped" in res.stdout
+
+
 def test_passes_per_map_match_the_reference_count():
     bench = _bench()
     for m in saliency.METHODS:
@@ -132,8 +151,13 @@ def test_compare_units_finds_identical_runs_identical():
     kw = dict(transforms=("FlipLR", "Rotate", "Brightness"), magnitudes=2, keep_samples=2,
               settings={"steps": 3})
     y = torch.zeros(2, dtype=torch.long)
-    a = explain_unit(model, x, y, [0, 1], "ig", lambda t: t, **kw)
-    b = explain_unit(model, x, y, [0, 1], "ig", lambda t: t, **kw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny work: two threads only add OpenMP stalls on a busy CPU
+    try:
+        a = explain_unit(model, x, y, [0, 1], "ig", lambda t: t, **kw)
+        b = explain_unit(model, x, y, [0, 1], "ig", lambda t: t, **kw)
+    finally:
+        torch.set_num_threads(threads)
     par = bench.compare_units(a, b)
     assert par["maps_compared"] == par["maps"] == 2 * (1 + 1 + 2 + 2)  # original, FlipLR, 2+2
     assert par["pearson_min"] == pytest.approx(1.0)
