@@ -1,7 +1,7 @@
 """Explain-stage throughput on one device: our explain unit vs the reference call pattern.
 
     python benchmarks/explain_gpu.py --device cuda --models resnet50,vit_b16 --size 224 \
-        --images 8 --precision fp32,bf16 --budget-s 360 --json $OUT/explain_gpu.json
+        --images 16 --precision fp32,bf16 --budget-s 360 --json $OUT/explain_gpu.json
     python benchmarks/explain_gpu.py --smoke --json /tmp/explain_gpu_smoke.json   # CPU, tiny
 
 What it measures, per (model, method, precision), in one run (docs/gpu.md):
@@ -463,7 +463,7 @@ def parse(argv):
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--models", default="resnet50,vit_b16", help="cose model names, comma list")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--images", type=int, default=8, help="at most this many images per unit")
+    ap.add_argument("--images", type=int, default=16, help="at most this many images per unit")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--precision", default="fp32", help="comma list of fp32, tf32, bf16")
     ap.add_argument("--checkpoints", type=int, default=10, help="checkpoint models per unit")
