@@ -29,7 +29,7 @@ def test_overrides_use_dotted_keys_and_yaml_values():
     assert cfg.explain.images == 3
     assert cfg.train.save_epochs == (1, 2)
     assert cfg.explain.settings["ig"] == {"steps": 5}
-    assert cfg.explain.settings["lime"]["samples"] == 200  # untouched siblings survive
+    assert cfg.explain.settings["lime"]["samples"] == 100  # untouched siblings survive
     assert cfg.tracking.required is True
     assert cfg.train.lr == pytest.approx(1e-3)
 
@@ -42,7 +42,7 @@ def test_overrides_use_dotted_keys_and_yaml_values():
         ("train.epochs=abc", "train.epochs: got 'abc', expected an integer"),
         ("train.epochs=0", "train.epochs: got 0, expected > 0"),
         ("train.lr=-1", "train.lr: got -1.0, expected > 0"),
-        ("train.save_epochs=[19]", "train.save_epochs: epoch 19 outside 1..9"),
+        ("train.save_epochs=[19]", "train.save_epochs: epoch 19 outside 1..7"),
         ("train.head=conv", "train.head: got 'conv'; allowed: linear, mlp"),
         ("methods=[gradcam,shap]", "methods: unknown value 'shap'; allowed: gradcam"),
         ("methods=[]", "methods: empty list"),
