@@ -319,6 +319,20 @@ def main(argv: list[str] | None = None) -> int:
         "precision": "fp32",
         "torch": torch.__version__,
     }
+    if "lime" in methods:  # how much LIME's distinct-sample evaluation can save on these images
+        from cose.saliency.lime import segment
+
+        segs, distinct = [], []
+        for i in range(args.images):
+            rs = np.random.RandomState(0)
+            seg = segment(x[i].permute(1, 2, 0).double().cpu().numpy(), rs)
+            n = len(np.unique(seg))
+            data = rs.randint(0, 2, 1000 * n).reshape(1000, n)
+            data[0, :] = 1
+            segs.append(n)
+            distinct.append(len(np.unique(data, axis=0)))
+        meta["lime_segments_mean"] = float(np.mean(segs))
+        meta["lime_distinct_samples_mean"] = float(np.mean(distinct))
     limits = {}
     if args.limits or device.type == "cuda":
         limits = measure_limits(model, args.size, device, args.limit_batch, args.limit_iters)

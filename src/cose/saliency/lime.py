@@ -10,7 +10,8 @@ get_image_and_mask(target, positive_only=False, num_features=num_features):
 - the same RandomState then draws the on/off matrix (row 0 all on); a hidden superpixel is set
   to 0 (hide colour 0, in the normalised space the model sees);
 - classifier_fn = softmax of the model; here every perturbed image of every image in the call
-  goes through the model `batch_size` at a time on the model's device;
+  goes through the model `batch_size` at a time on the model's device, each distinct on/off
+  pattern of an image once (lime evaluates repeats again; the outputs are the same);
 - lime's LimeBase (cosine distances, kernel sqrt(exp(-d^2/0.25^2)), "auto" feature selection,
   Ridge(alpha=1)) fits the explanation for the class `targets[i]` (the reference explained its
   top label, which is the prediction it passed as target);
@@ -95,25 +96,36 @@ def compute(
         prepared = [prepare(i) for i in range(B)]
     states, segs, datas = (list(v) for v in zip(*prepared))
 
+    # a perturbation that occurs twice has one model output: evaluate each distinct on/off row
+    # once (with few superpixels - small images - most of the samples repeat; with ~50, none do)
+    uniq, inverse = [], []
+    for d in datas:
+        u, inv = np.unique(d, axis=0, return_inverse=True)
+        uniq.append(u)
+        inverse.append(inv.reshape(-1))
+    counts = [u.shape[0] for u in uniq]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    total = int(offsets[-1])
     f_max = max(d.shape[1] for d in datas)
-    onoff = torch.zeros((B, samples, f_max), dtype=torch.uint8)
-    for i, d in enumerate(datas):
-        onoff[i, :, : d.shape[1]] = torch.from_numpy(d.astype(np.uint8))
+    onoff = torch.zeros((total, f_max), dtype=torch.uint8)
+    for i, u in enumerate(uniq):
+        onoff[offsets[i] : offsets[i + 1], : u.shape[1]] = torch.from_numpy(u.astype(np.uint8))
     onoff = onoff.to(dev)
+    owner = torch.repeat_interleave(torch.arange(B), torch.tensor(counts)).to(dev)
     seg_t = torch.from_numpy(np.stack(segs).astype(np.int64))
-    seg_dev = seg_t.to(dev).view(B, 1, H * W)
-    probs = torch.empty(B * samples, dtype=torch.float64, device=dev)
+    seg_dev = seg_t.to(dev).view(B, H * W)
+    probs = torch.empty(total, dtype=torch.float64, device=dev)
 
     with torch.inference_mode():
-        for start, stop in _core.chunks(B * samples, batch_size):
-            idx = torch.arange(start, stop, device=dev)
-            i, k = idx // samples, idx % samples
-            keep = torch.gather(onoff[i, k], 1, seg_dev[i, 0]).view(-1, 1, H, W).to(x.dtype)
+        for start, stop in _core.chunks(total, batch_size):
+            i = owner[start:stop]
+            keep = torch.gather(onoff[start:stop], 1, seg_dev[i]).view(-1, 1, H, W).to(x.dtype)
             logits = model(x[i] * keep)
             _core.check_num_classes(logits, max_target)
             p = torch.softmax(logits.float(), dim=1)
             probs[start:stop] = p.gather(1, targets[i].view(-1, 1))[:, 0].double()
-    labels = probs.view(B, samples).cpu().numpy()
+    probs_np = probs.cpu().numpy()
+    labels = [probs_np[offsets[i] : offsets[i + 1]][inverse[i]] for i in range(B)]
 
     explanations = []
     for i in range(B):
