@@ -282,8 +282,10 @@ def test_register_a_method(resnet, batch):
 def _tv_vit() -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(image_size=SIZE, patch_size=8, num_layers=2, num_heads=2,
-                             hidden_dim=32, mlp_dim=64, num_classes=10)
+    model = VisionTransformer(image_size=SIZE, patch_size=8, num_layers=2, num_heads=2,
+                              hidden_dim=32, mlp_dim=64, num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision zero-inits the head
+    return model
 
 
 def _tv_swin() -> nn.Module:
