@@ -299,28 +299,97 @@ def test_repeated_originals_ranked_once_match_per_pair(monkeypatch, pattern):
 def test_repeated_rows_detection():
     import cose.similarity as sim
 
-    x = torch.rand(3, 50)
+    x = np.random.default_rng(0).random((3, 50)).astype(np.float32)
     rows = x[[0, 1, 2, 0, 1, 2, 0]]
     first, which = sim._repeated_rows(rows)
-    assert torch.equal(rows, x[first][which])
-    assert sim._repeated_rows(torch.rand(6, 50)) is None  # all distinct
-    nan_rows = rows.clone()
+    assert first.size == 3 and np.array_equal(rows[first][which], rows)
+    assert sim._repeated_rows(np.random.default_rng(1).random((6, 50))) is None  # distinct
+    expanded = torch.from_numpy(x[1]).expand(5, 50)
+    assert sim._repeated_rows(expanded.numpy())[0].tolist() == [0]
+    zeros = np.zeros((4, 50), np.float32)
+    zeros[1::2, 3] = -0.0  # equal values, other bits: not the same row, still the same ranks
+    assert sim._repeated_rows(zeros)[0].size == 2
+    nan_rows = rows.copy()
     nan_rows[:, 0] = float("nan")
-    assert sim._repeated_rows(nan_rows) is None
-    out = spearman(nan_rows.view(7, 5, 10), torch.rand(7, 5, 10))
+    first, which = sim._repeated_rows(nan_rows)  # shared, and NaN all the same
+    out = spearman(torch.from_numpy(nan_rows).view(7, 5, 10), torch.rand(7, 5, 10))
     assert torch.isnan(out).all()
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_torch_rank_path_matches_scipy(monkeypatch, masked):
-    """The torch ranking path (GPU, float64) on float32 CPU maps, against scipy."""
+def test_torch_path_matches_reference(monkeypatch, masked):
+    """The torch path (GPU, and float64 ranks on CPU) on CPU maps, against skimage/scipy."""
     import cose.similarity as sim
 
-    monkeypatch.setattr(sim, "_use_numpy", lambda x: False)
+    monkeypatch.setattr(sim, "_compiled_cpu", lambda x: False)
     rng = np.random.default_rng(12)
     a, b = varied_maps(rng, 7, 200, 190)
     mask = rng.random(a.shape) > 0.25 if masked else None
     check(a.astype(np.float32), b.astype(np.float32), mask)
+    check(a, b, mask, ssim_tol=1e-9)
+
+
+def random_float_bits(rng: np.random.Generator, shape) -> np.ndarray:
+    """float32 maps drawn from random bit patterns (every exponent and sign, subnormals,
+    signed zeros), non-finite ones replaced by zeros of either sign, plus repeated values."""
+    bits = rng.integers(0, 2**32, size=shape, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32).copy()
+    bad = ~np.isfinite(x)
+    x[bad] = np.where(rng.random(int(bad.sum())) > 0.5, 0.0, -0.0)
+    x.reshape(-1)[::7] = x.reshape(-1)[0]  # a large tie group
+    x[rng.random(shape) < 0.05] = -0.0
+    x[rng.random(shape) < 0.05] = 0.0
+    x[rng.random(shape) < 0.01] = np.float32(1.4e-45)  # smallest subnormal
+    return x
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_ranks_equal_torch_ranks_on_any_float(monkeypatch, seed):
+    """The compiled radix ranking against the torch sort on maps over the whole float32
+    range (not only [0, 1]): same Spearman sums exactly, with and without a mask."""
+    import cose.similarity as sim
+
+    rng = np.random.default_rng(100 + seed)
+    a = torch.from_numpy(random_float_bits(rng, (5, 37, 29)))
+    b = torch.from_numpy(random_float_bits(rng, (5, 37, 29)))
+    mask = torch.from_numpy(rng.random((5, 37, 29)) > 0.4)
+    mask[4] = False
+    mask[4, 3, :2] = True  # two valid pixels
+    mask[3] = False
+    mask[3, 0, 0] = True  # one: undefined
+    fast = [spearman(a, b), spearman(a, b, mask)]
+    monkeypatch.setattr(sim, "_compiled_cpu", lambda x: False)
+    slow = [spearman(a, b), spearman(a, b, mask)]
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f, s, rtol=0, atol=1e-12, equal_nan=True)
+    assert torch.isnan(fast[1][3]) and not torch.isnan(fast[1][4])
+    af, bf = a.double().numpy(), b.double().numpy()
+    for i in range(5):
+        assert abs(float(fast[0][i]) - ref_spearman(af[i], bf[i])) <= SPEARMAN_TOL
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_nonfinite_values_anywhere_compared(monkeypatch, compiled):
+    """+-inf and NaN of either sign among the compared pixels make that row NaN (SSIM: in the
+    whole map, its data range), other rows unaffected; on the compiled and the torch path."""
+    import cose.similarity as sim
+
+    if not compiled:
+        monkeypatch.setattr(sim, "_compiled_cpu", lambda x: False)
+    rng = np.random.default_rng(5)
+    a = torch.from_numpy(rng.random((6, 16, 16)).astype(np.float32))
+    b = torch.from_numpy(rng.random((6, 16, 16)).astype(np.float32))
+    bad = [float("inf"), float("-inf"), float("nan"), -float("nan")]
+    for i, v in enumerate(bad):
+        (a if i % 2 else b)[i, i + 3, 2 * i] = v
+    mask = torch.ones(6, 16, 16, dtype=torch.bool)
+    mask[0, 3, 0] = False  # the bad value of row 0 is masked out: row 0 is defined
+    r = spearman(a, b)
+    rm = spearman(a, b, mask)
+    s = ssim(a, b)
+    assert torch.isnan(r[:4]).all() and torch.isfinite(r[4:]).all()
+    assert torch.isnan(rm[1:4]).all() and torch.isfinite(rm[0]) and torch.isfinite(rm[4:]).all()
+    assert torch.isnan(s[:4]).all() and torch.isfinite(s[4:]).all()
 
 
 def test_thread_pool_path_restores_threads():

@@ -13,9 +13,10 @@ return one float64 value per sample (float32 on MPS).
   pixels or the masked ones. NaN where undefined: fewer than 2 pixels, a constant side,
   non-finite values.
 
-Speed: float32 maps on the CPU are ranked with numpy's vectorised sort of 64-bit
-(value, pixel) keys in a small thread pool (``torch.get_num_threads()`` workers), several times
-faster than ``torch.sort`` on CPU; everything else, and every other device or dtype, is torch.
+Speed: on the CPU (float32 and float64 SSIM, float32 Spearman) the work is done by compiled
+kernels (:mod:`cose._similarity_cpu`, numba: fused SSIM window sums, exact radix-sort ranks)
+over chunks of pairs spread on a small thread pool (``torch.get_num_threads()`` workers);
+every other device or dtype runs the torch code below, the same semantics.
 See docs/metric.md for tolerances against skimage/scipy and the deliberate deviations.
 """
 
@@ -36,7 +37,6 @@ __all__ = ["ssim", "spearman", "erode_mask", "WIN_SIZE", "K1", "K2"]
 WIN_SIZE = 5
 K1 = 0.01
 K2 = 0.03
-_INT32_MAX = np.int32(2**31 - 1)
 
 
 def _result_dtype(device: torch.device) -> torch.dtype:
@@ -79,7 +79,7 @@ def _row_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def _chunk_rows(x: torch.Tensor) -> int:
     """Rows per chunk: a few on CPU so that the working set stays in cache."""
-    per_row = x.shape[-1] * x.shape[-2]
+    per_row = x[0].numel()
     if x.device.type == "cpu":
         return max(1, 2**18 // per_row)
     return max(1, 2**24 // per_row)
@@ -245,6 +245,9 @@ def _ssim(a, b, mask, workers: int) -> torch.Tensor:
     out_dtype = _result_dtype(a.device)
     if bsz == 0:
         return torch.empty(0, dtype=out_dtype, device=a.device)
+    keep = erode_mask(mask) if mask is not None else None
+    if _compiled_cpu(a):
+        return _ssim_compiled(a, b, keep, workers)
     amin, amax, afin = _row_range(a)
     bmin, bmax, bfin = _row_range(b)
     rng = torch.maximum(amax - amin, bmax - bmin)
@@ -252,29 +255,65 @@ def _ssim(a, b, mask, workers: int) -> torch.Tensor:
     one = torch.ones_like(rng)
     inv = torch.where(ok, one / torch.where(ok, rng, one), one).view(-1, 1, 1)
     centre = torch.where(ok, (amin + amax + bmin + bmax) / 4, 0 * one).view(-1, 1, 1)
-    keep = erode_mask(mask).to(a.dtype) if mask is not None else None
+    keepf = keep.to(a.dtype) if keep is not None else None
     pad = WIN_SIZE // 2
     step = _chunk_rows(a)
     chunks = [slice(i, min(i + step, bsz)) for i in range(0, bsz, step)]
 
     def work(sl: slice) -> torch.Tensor:
         s = _ssim_image(a[sl], b[sl], centre[sl], inv[sl])
-        if keep is None:
+        if keepf is None:
             s = s[:, pad : h - pad, pad : w - pad]
         else:
-            s = s.mul_(keep[sl])
+            s = s.mul_(keepf[sl])
         return s.sum(dim=(1, 2))
 
     totals = _map_chunks(work, chunks, workers)
     total = torch.cat(totals).to(out_dtype)
-    if keep is None:
+    if keepf is None:
         count = torch.full_like(total, (h - 2 * pad) * (w - 2 * pad))
     else:
-        count = keep.sum(dim=(1, 2)).to(out_dtype)
+        count = keepf.sum(dim=(1, 2)).to(out_dtype)
         ok = ok & (count > 0)
     value = total / count.clamp(min=1)
     # a NaN/inf sample computes on garbage: the result is NaN whatever it gave
     return torch.where(ok, value, torch.full_like(value, float("nan")))
+
+
+def _compiled_cpu(x: torch.Tensor) -> bool:
+    """Whether the compiled CPU kernels (:mod:`cose._similarity_cpu`) take ``x``."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and sys.byteorder == "little"
+    )
+
+
+def _ssim_compiled(a, b, keep, workers: int) -> torch.Tensor:
+    from cose import _similarity_cpu as kernels
+
+    bsz = a.shape[0]
+    an = a.contiguous().numpy()
+    bn = b.contiguous().numpy()
+    kn = keep.contiguous().numpy() if keep is not None else np.zeros((1, 1, 1), dtype=bool)
+    total = np.empty(bsz, dtype=np.float64)
+    count = np.empty(bsz, dtype=np.float64)
+    ok = np.empty(bsz, dtype=bool)
+    chunks = _compiled_chunks(bsz, workers)
+
+    def work(sl: slice) -> None:
+        rows = (an[sl].reshape(sl.stop - sl.start, -1), bn[sl].reshape(sl.stop - sl.start, -1))
+        lo = np.stack([r.min(axis=1) for r in rows])  # SIMD; NaN propagates
+        hi = np.stack([r.max(axis=1) for r in rows])
+        ks = kn[sl] if keep is not None else kn
+        kernels.ssim_sums(
+            an[sl], bn[sl], lo, hi, ks, keep is not None, total[sl], count[sl], ok[sl]
+        )
+
+    _map_chunks(work, chunks, workers)
+    ok &= count > 0
+    value = np.where(ok, total / np.maximum(count, 1), np.nan)
+    return torch.from_numpy(value)
 
 
 # --------------------------------------------------------------------------- Spearman, torch
@@ -331,139 +370,34 @@ def _torch_spearman_sums(x, y, valid, n_valid):
     return sxy, sxx, syy
 
 
-# --------------------------------------------------------------------------- Spearman, numpy (CPU)
+def _repeated_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """When rows of [B,n] ``x`` (a CPU array) repeat (at most B/2 distinct; as when one
+    original map is compared with many variants): (index of one row per distinct value [R],
+    distinct value of each row [B]). Verified bit for bit; None otherwise."""
+    from cose import _similarity_cpu as kernels
 
-
-def _np_sorted(x: np.ndarray, valid: np.ndarray | None):
-    """Row-wise sort of float32 [c,n] via int64 keys (order-preserving value bits << 32 | pixel):
-    numpy sorts these with its SIMD sort. Returns (sorted value keys, permutation as flat
-    indices row * n + pixel), both int32 [c,n] views; masked-out entries get a key above every
-    float."""
-    c, n = x.shape
-    bits = x.view(np.int32)
-    packed = np.empty((c, n, 2), dtype=np.int32)
-    packed[:, :, 0] = np.arange(c * n, dtype=np.int32).reshape(c, n)  # low word: flat index
-    key = packed[:, :, 1]  # high word: signed int32 in float order
-    np.right_shift(bits, 31, out=key)
-    np.bitwise_and(key, _INT32_MAX, out=key)
-    np.bitwise_xor(key, bits, out=key)
-    if valid is not None:
-        np.putmask(key, ~valid, _INT32_MAX)
-    packed.view(np.int64).reshape(c, n).sort(axis=1)
-    return packed[:, :, 1], packed[:, :, 0]
-
-
-def _np_centred_ranks(skey: np.ndarray, n_valid: np.ndarray | None):
-    """As :func:`_torch_centred_ranks`, numpy, float32 (exact for these half-integers).
-
-    Also returns the per-row sum of squared centred ranks, float64, in closed form:
-    (n^3 - n) / 12 minus (t^3 - t) / 12 for every run of t tied values.
-    """
-    c, n = skey.shape
-    new = np.empty((c, n), dtype=bool)  # first of a run of equal keys
-    new[:, 0] = True
-    np.not_equal(skey[:, 1:], skey[:, :-1], out=new[:, 1:])
-    if n_valid is not None:  # masked-out entries (sorted last) are runs of their own
-        for i in range(c):
-            new[i, n_valid[i] :] = True
-    nv = np.full(c, n, dtype=np.float64) if n_valid is None else n_valid.astype(np.float64)
-    sumsq = (nv * nv * nv - nv) / 12
-    flat = new.ravel()
-    starts = np.flatnonzero(flat)
-    ranks = np.empty((c, n), dtype=np.float32)
-    if starts.size == c * n:  # no ties
-        ranks[:] = np.arange(1, n + 1, dtype=np.float32)
-    else:
-        ends = np.empty_like(starts)  # exclusive
-        ends[:-1] = starts[1:]
-        ends[-1] = c * n
-        lengths = (ends - starts).astype(np.float64)
-        first_run = np.searchsorted(starts, np.arange(c) * n)  # runs never straddle rows
-        sumsq -= np.add.reduceat(lengths * lengths * lengths - lengths, first_run) / 12
-        # a run over 0-based flat [start, end) holds the ranks start+1 .. end: their mean
-        np.add(ends, starts, out=ends)
-        ends += 1
-        avg = ends.astype(np.float32)
-        avg *= 0.5
-        group = np.cumsum(flat, dtype=np.int32)  # (int64 accumulation is ~10x slower)
-        group -= 1
-        np.take(avg, group, out=ranks.ravel())
-        ranks -= (np.arange(c, dtype=np.float32) * n)[:, None]
-    if n_valid is None:
-        ranks -= np.float32((n + 1) / 2)
-    else:
-        ranks -= ((n_valid + 1) / 2).astype(np.float32)[:, None]
-        for i in range(c):
-            ranks[i, n_valid[i] :] = 0.0
-    return ranks, sumsq
-
-
-def _np_pixel_ranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centred ranks of unmasked rows [c,n] in pixel order, and their sums of squares."""
-    c, n = x.shape
-    kx, px = _np_sorted(x, None)
-    rx, sxx = _np_centred_ranks(kx, None)
-    pixels = np.empty(c * n, dtype=np.float32)
-    pixels[px.ravel()] = rx.ravel()
-    return pixels.reshape(c, n), sxx
-
-
-def _np_spearman_sums(x, y: np.ndarray, valid, n_valid, shared=None):
-    """(S_xy, S_xx, S_yy) of centred ranks, float64. ``shared``: (pixel ranks [c,n], S_xx [c])
-    of the unmasked ``x`` rows, computed beforehand (``x`` is then not used)."""
-    c, n = y.shape
-    nv = n_valid if valid is not None else None
-    if shared is None:
-        kx, px = _np_sorted(x, valid)
-        rx, sxx = _np_centred_ranks(kx, nv)
-        rx_pixels = np.empty(c * n, dtype=np.float32)
-        rx_pixels[px.ravel()] = rx.ravel()
-    else:
-        rx_pixels = np.ascontiguousarray(shared[0]).ravel()  # flat, like the permutations
-        sxx = shared[1]
-    ky, py = _np_sorted(y, valid)
-    ry, syy = _np_centred_ranks(ky, nv)
-    at_y = np.take(rx_pixels, py)
-    sxy = np.einsum("ij,ij->i", at_y, ry, dtype=np.float64)
-    return sxy, sxx, syy
-
-
-_FINGERPRINT_WEIGHTS: dict[int, torch.Tensor] = {}
-
-
-def _repeated_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """When rows of [B,n] ``x`` repeat (at most B/2 distinct; as when one original map is
-    compared with many variants): (index of one row per distinct value [R], distinct value of
-    each row [B]). Verified exactly; None otherwise."""
-    bsz, n = x.shape
+    bsz = x.shape[0]
     if bsz < 2:
         return None
-    w = _FINGERPRINT_WEIGHTS.get(n)
-    if w is None:
-        gen = torch.Generator().manual_seed(0)
-        w = torch.randint(1, 2**31 - 1, (n,), generator=gen, dtype=torch.int32)
-        _FINGERPRINT_WEIGHTS[n] = w
-    # exact integer fingerprints of the bits (float sums depend on alignment and order)
-    bits = x.view(torch.int32) if x.dtype == torch.float32 else x.view(torch.int64)
-    prints = torch.stack((bits.sum(dim=1, dtype=torch.int64), (bits * w).sum(dim=1)), dim=1)
-    _, inverse = torch.unique(prints, dim=0, return_inverse=True)
-    distinct = int(inverse.max()) + 1
-    if distinct > bsz // 2:
+    bits = x.view(np.uint32 if x.dtype.itemsize == 4 else np.uint64)
+    hashes = np.empty(bsz, dtype=np.uint64)
+    kernels.row_hashes(bits, hashes)
+    _, first, which = np.unique(hashes, return_index=True, return_inverse=True)
+    if first.size > bsz // 2 or not kernels.rows_equal_to(bits, first, which):
         return None
-    first = torch.full((distinct,), bsz, dtype=torch.int64)
-    first.scatter_reduce_(0, inverse, torch.arange(bsz), reduce="amin")
-    if not torch.equal(x, x.index_select(0, first.index_select(0, inverse))):
-        return None  # a fingerprint collision (or NaN): no sharing
-    return first, inverse
+    return first, which
 
 
-def _use_numpy(x: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and sys.byteorder == "little"
-        and x.shape[1] < 2**22  # float32 ranks stay exact
-    )
+def _compiled_chunks(bsz: int, workers: int) -> list[slice]:
+    """A few slices per worker (the kernels allocate their scratch once per call)."""
+    parts = min(bsz, workers if workers <= 1 else 4 * workers)
+    edges = np.linspace(0, bsz, parts + 1).round().astype(int)
+    return [slice(int(i), int(j)) for i, j in zip(edges[:-1], edges[1:]) if j > i]
+
+
+def _compiled_ranks(x: torch.Tensor) -> bool:
+    """Whether the compiled CPU ranking takes ``x`` [B,n] (float32; ranks stay exact)."""
+    return _compiled_cpu(x) and x.dtype == torch.float32 and x.shape[1] < 2**22
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -483,50 +417,90 @@ def _spearman(a, b, mask, workers: int) -> torch.Tensor:
     dtype = _result_dtype(a.device)
     if bsz == 0 or a.shape[1] * a.shape[2] == 0:
         return torch.full((bsz,), float("nan"), dtype=dtype, device=a.device)
-    # +0.0 turns -0.0 into +0.0 so that the two zeros tie (and makes contiguous copies)
-    x = a.reshape(bsz, -1) + 0.0
-    y = b.reshape(bsz, -1) + 0.0
-    n_total = y.shape[1]
+    x = a.reshape(bsz, -1)
+    y = b.reshape(bsz, -1)
     valid = mask.reshape(bsz, -1) if mask is not None else None
-    ok = _row_range(x)[2] & _row_range(y)[2]
-    if valid is None:
-        n_valid = torch.full((bsz,), n_total, device=y.device, dtype=torch.int64)
+    if _compiled_ranks(y):
+        cxy, cxx, cyy, n_valid, ok = _spearman_compiled(x, y, valid, workers)
     else:
-        n_valid = valid.sum(dim=1)
-    step = _chunk_rows(a)
-    chunks = [slice(i, min(i + step, bsz)) for i in range(0, bsz, step)]
-    if _use_numpy(y):
-        xn, yn = x.numpy(), y.numpy()
-        vn = valid.numpy() if valid is not None else None
-        nn = n_valid.numpy()
-        repeated = _repeated_rows(x) if valid is None else None
-        if repeated is not None:  # rank each distinct original once
-            reps = xn[repeated[0].numpy()]
-            rep_chunks = [slice(i, i + step) for i in range(0, reps.shape[0], step)]
-            done = _map_chunks(lambda sl: _np_pixel_ranks(reps[sl]), rep_chunks, workers)
-            rep_pixels = np.concatenate([d[0] for d in done])
-            rep_sumsq = np.concatenate([d[1] for d in done])
-            which = repeated[1].numpy()
-
-        def work(sl: slice):
-            vs = vn[sl] if vn is not None else None
-            if repeated is None:
-                return _np_spearman_sums(xn[sl], yn[sl], vs, nn[sl])
-            shared = (rep_pixels[which[sl]], rep_sumsq[which[sl]])
-            return _np_spearman_sums(None, yn[sl], vs, nn[sl], shared)
-
-        parts = _map_chunks(work, chunks, workers)
-        cxy, cxx, cyy = (torch.from_numpy(np.concatenate(t)) for t in zip(*parts))
-    else:
-
-        def work_torch(sl: slice):
-            vs = valid[sl] if valid is not None else None
-            return _torch_spearman_sums(x[sl], y[sl], vs, n_valid[sl])
-
-        parts = _map_chunks(work_torch, chunks, workers)
-        cxy, cxx, cyy = (torch.cat(t) for t in zip(*parts))
+        cxy, cxx, cyy, n_valid, ok = _spearman_torch(x, y, valid, workers)
     cxy, cxx, cyy = (t.to(y.device, dtype) for t in (cxy, cxx, cyy))
     ok = ok & (n_valid >= 2) & (cxx > 0) & (cyy > 0)
     rho = cxy / torch.sqrt(torch.where(ok, cxx * cyy, torch.ones_like(cxx)))
     rho = rho.clamp(-1.0, 1.0)
     return torch.where(ok, rho, torch.full_like(rho, float("nan")))
+
+
+def _spearman_torch(x, y, valid, workers: int):
+    bsz, n_total = y.shape
+    # +0.0 turns -0.0 into +0.0 so that the two zeros tie (and makes contiguous copies)
+    x = x + 0.0
+    y = y + 0.0
+    if valid is None:
+        ok = _row_range(x)[2] & _row_range(y)[2]
+        n_valid = torch.full((bsz,), n_total, device=y.device, dtype=torch.int64)
+    else:  # only the compared pixels need to be finite
+        ok = ((torch.isfinite(x) & torch.isfinite(y)) | ~valid).all(dim=1)
+        n_valid = valid.sum(dim=1)
+    step = _chunk_rows(y)
+    chunks = [slice(i, min(i + step, bsz)) for i in range(0, bsz, step)]
+
+    def work(sl: slice):
+        vs = valid[sl] if valid is not None else None
+        return _torch_spearman_sums(x[sl], y[sl], vs, n_valid[sl])
+
+    parts = _map_chunks(work, chunks, workers)
+    cxy, cxx, cyy = (torch.cat(t) for t in zip(*parts))
+    return cxy, cxx, cyy, n_valid, ok
+
+
+def _spearman_compiled(x, y, valid, workers: int):
+    from cose import _similarity_cpu as kernels
+
+    bsz, n = y.shape
+    yn = y.contiguous().numpy()
+    vn = valid.contiguous().numpy() if valid is not None else np.zeros((1, 1), dtype=bool)
+    sxy = np.empty(bsz, dtype=np.float64)
+    sxx = np.empty(bsz, dtype=np.float64)
+    syy = np.empty(bsz, dtype=np.float64)
+    nvalid = np.empty(bsz, dtype=np.int64)
+    finite = np.empty(bsz, dtype=bool)
+    chunks = _compiled_chunks(bsz, workers)
+    xn = x.numpy()  # any strides (an expanded original has stride 0)
+    repeated = _repeated_rows(xn) if valid is None else None
+    if repeated is not None:  # rank each distinct original once
+        first, which = repeated
+        reps = np.ascontiguousarray(xn[first])
+        rep_ranks = np.empty(reps.shape, dtype=np.float32)
+        rep_sumsq = np.empty(reps.shape[0], dtype=np.float64)
+        rep_finite = np.empty(reps.shape[0], dtype=bool)
+
+        def rank(sl: slice) -> None:
+            kernels.pixel_ranks(reps[sl], rep_ranks[sl], rep_sumsq[sl], rep_finite[sl])
+
+        _map_chunks(rank, _compiled_chunks(reps.shape[0], workers), workers)
+        sxx[:] = rep_sumsq[which]
+    else:
+        xn = np.ascontiguousarray(xn)
+        rep_ranks = np.zeros((1, 1), dtype=np.float32)
+        which = np.zeros(1, dtype=np.int64)
+
+    def work(sl: slice) -> None:
+        xs = xn[sl] if repeated is None else xn[:1]
+        vs = vn[sl] if valid is not None else vn
+        ws = which[sl] if repeated is not None else which
+        kernels.spearman_sums(
+            xs, yn[sl], vs, valid is not None, rep_ranks, ws, repeated is not None,
+            sxy[sl], sxx[sl], syy[sl], nvalid[sl], finite[sl],
+        )  # fmt: skip
+
+    _map_chunks(work, chunks, workers)
+    if repeated is not None:
+        finite &= rep_finite[which]
+    return (
+        torch.from_numpy(sxy),
+        torch.from_numpy(sxx),
+        torch.from_numpy(syy),
+        torch.from_numpy(nvalid),
+        torch.from_numpy(finite),
+    )

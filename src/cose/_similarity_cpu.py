@@ -1,0 +1,296 @@
+"""Compiled CPU kernels behind :mod:`cose.similarity` (numba, no GIL held).
+
+Each kernel handles a chunk of pairs in one call, in one pass per map where it can, so that a
+224x224 pair costs tens of microseconds of SSIM and a few hundred of Spearman; the caller
+spreads chunks over threads. Semantics are those documented in :mod:`cose.similarity`:
+
+- SSIM: only pixels at least 2 away from the border are ever averaged (skimage crops that
+  border, and the eroded mask excludes it), and their 5x5 windows lie inside the map, so no
+  padding is needed. Maps are centred and scaled by 1/data_range in the input dtype (float32
+  keeps the variances well conditioned that way); window sums are direct 5-tap sums (no
+  running sums that would drift); the per-pixel SSIM values are accumulated in float64.
+- Spearman: exact ranks from an LSD radix sort (3 passes of 11 bits) of the maps' float32 bits
+  mapped to order-preserving unsigned keys, ties averaged as scipy's ``rankdata``. Centred
+  ranks are half-integers, so every sum of their products is exact in float64 whatever the
+  summation order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_RADIX_BITS = 11
+_RADIX = 1 << _RADIX_BITS
+_RADIX_MASK = _RADIX - 1
+_PASSES = 3  # 33 bits >= 32
+_HIGH = np.uint64(32)  # sort words: key << 32 | pixel
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+# --------------------------------------------------------------------------- SSIM
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def ssim_sums(a, b, lo, hi, keep, use_keep, total, count, ok):
+    """For each pair p of [c,H,W] maps ``a``, ``b``, with ``lo``/``hi`` [2,c] the minima and
+    maxima of ``a`` (row 0) and ``b`` (row 1), NaN propagated: ``total[p]`` the sum of the
+    SSIM image over the interior (``use_keep`` False) or over ``keep[p]`` (the eroded mask,
+    False within 2 of the border), ``count[p]`` the number of pixels summed, ``ok[p]`` whether
+    SSIM is defined (finite maps, data range > 0)."""
+    c, h, w = a.shape
+    n = 25.0
+    k1 = n * n * 0.01 * 0.01
+    k2 = n * (n - 1.0) * 0.03 * 0.03
+    dt = a.dtype
+    x = np.empty((h, w), dtype=dt)
+    y = np.empty((h, w), dtype=dt)
+    pp = np.empty((h, w), dtype=dt)
+    qq = np.empty((h, w), dtype=dt)
+    vx = np.empty(w, dtype=dt)
+    vy = np.empty(w, dtype=dt)
+    vp = np.empty(w, dtype=dt)
+    vq = np.empty(w, dtype=dt)
+    acc = np.empty(w - 4, dtype=np.float64)
+    srow = np.empty(w - 4, dtype=dt)
+    for p in range(c):
+        alo, ahi, blo, bhi = lo[0, p], hi[0, p], lo[1, p], hi[1, p]
+        finite = np.isfinite(alo) and np.isfinite(ahi) and np.isfinite(blo) and np.isfinite(bhi)
+        rng = max(ahi - alo, bhi - blo)
+        if not (finite and rng > 0):
+            ok[p] = False
+            total[p] = np.nan
+            count[p] = 0.0
+            continue
+        ok[p] = True
+        inv = dt.type(1.0) / rng
+        centre = (alo + ahi + blo + bhi) / dt.type(4.0)
+        shift = centre * inv * dt.type(n)
+        ap = a[p]
+        bp = b[p]
+        for i in range(h):
+            for j in range(w):
+                xv = (ap[i, j] - centre) * inv
+                yv = (bp[i, j] - centre) * inv
+                x[i, j] = xv
+                y[i, j] = yv
+                pp[i, j] = xv * xv + yv * yv
+                qq[i, j] = xv * yv
+        acc[:] = 0.0
+        cnt = 0.0
+        c2n = dt.type(2.0 * n)
+        c2 = dt.type(2.0)
+        cn = dt.type(n)
+        ck1 = dt.type(k1)
+        ck2 = dt.type(k2)
+        for i in range(h - 4):
+            for j in range(w):
+                vx[j] = ((x[i, j] + x[i + 1, j]) + (x[i + 2, j] + x[i + 3, j])) + x[i + 4, j]
+                vy[j] = ((y[i, j] + y[i + 1, j]) + (y[i + 2, j] + y[i + 3, j])) + y[i + 4, j]
+                vp[j] = ((pp[i, j] + pp[i + 1, j]) + (pp[i + 2, j] + pp[i + 3, j])) + pp[i + 4, j]
+                vq[j] = ((qq[i, j] + qq[i + 1, j]) + (qq[i + 2, j] + qq[i + 3, j])) + qq[i + 4, j]
+            for j in range(w - 4):
+                sx = ((vx[j] + vx[j + 1]) + (vx[j + 2] + vx[j + 3])) + vx[j + 4]
+                sy = ((vy[j] + vy[j + 1]) + (vy[j + 2] + vy[j + 3])) + vy[j + 4]
+                sp = ((vp[j] + vp[j + 1]) + (vp[j + 2] + vp[j + 3])) + vp[j + 4]
+                sq = ((vq[j] + vq[j + 1]) + (vq[j + 2] + vq[j + 3])) + vq[j + 4]
+                num2 = c2n * sq - c2 * (sx * sy) + ck2
+                den2 = cn * sp - sx * sx - sy * sy + ck2
+                tx = sx + shift
+                ty = sy + shift
+                num1 = c2 * (tx * ty) + ck1
+                den1 = tx * tx + ty * ty + ck1
+                srow[j] = (num1 * num2) / (den1 * den2)
+            if use_keep:
+                kr = keep[p, i + 2]
+                for j in range(w - 4):
+                    if kr[j + 2]:
+                        acc[j] += srow[j]
+                        cnt += 1.0
+            else:
+                for j in range(w - 4):
+                    acc[j] += srow[j]
+        t = 0.0
+        for j in range(w - 4):
+            t += acc[j]
+        total[p] = t
+        count[p] = cnt if use_keep else float((h - 4) * (w - 4))
+
+
+# --------------------------------------------------------------------------- Spearman
+
+
+@njit(inline="always")
+def _key(f, b):
+    """The float32 ``f`` (bits ``b``) as a uint32 that sorts in float order; -0.0 as +0.0.
+    (numba widens uint32 arithmetic to 64 bits: cast back at each step.)"""
+    if f == 0.0:
+        b = np.uint32(0)
+    flip = np.uint32(np.uint32(0) - np.uint32(b >> np.uint32(31)))  # all ones if negative
+    return np.uint32(b ^ np.uint32(flip | np.uint32(0x80000000)))
+
+
+@njit(inline="always")
+def _put(k, i, m, words, hist):
+    words[m] = (np.uint64(k) << np.uint64(32)) | np.uint64(i)
+    hist[0, k & _RADIX_MASK] += 1
+    hist[1, (k >> _RADIX_BITS) & _RADIX_MASK] += 1
+    hist[2, k >> (2 * _RADIX_BITS)] += 1
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _sort(v, valid, use_valid, words, words2, hist):
+    """Sort the float32 values ``v`` [n] (those with ``valid`` when ``use_valid``) by their
+    order-preserving uint32 keys, each packed with its pixel index as key << 32 | pixel.
+    Returns (m, the m sorted words (one of the two scratch arrays), all finite)."""
+    n = v.shape[0]
+    bits = v.view(np.uint32)
+    hist[:] = 0
+    m = 0
+    if use_valid:
+        for i in range(n):
+            if valid[i]:
+                _put(_key(v[i], bits[i]), i, m, words, hist)
+                m += 1
+    else:
+        for i in range(n):
+            _put(_key(v[i], bits[i]), i, i, words, hist)
+        m = n
+    src, dst = words, words2
+    for pss in range(_PASSES):
+        shift = _HIGH + np.uint64(pss * _RADIX_BITS)
+        h = hist[pss]
+        skip = False
+        run = 0
+        for d in range(_RADIX):
+            c = h[d]
+            if c == m:
+                skip = True
+            h[d] = run
+            run += c
+        if skip:  # every key has the same digit here: already in order
+            continue
+        for t in range(m):
+            w = src[t]
+            d = (w >> shift) & np.uint64(_RADIX_MASK)
+            o = h[d]
+            h[d] = o + 1
+            dst[o] = w
+        src, dst = dst, src
+    # non-finite keys sort beyond those of -inf and +inf (NaN of either sign past them)
+    finite = m == 0 or ((src[0] >> _HIGH) > 0x007FFFFF and (src[m - 1] >> _HIGH) < 0xFF800000)
+    return m, src, finite
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _scatter_ranks(m, sw, out):
+    """Centred ranks (ties averaged, minus (m+1)/2) of the m sorted words into ``out`` at
+    their pixels; returns the sum of their squares."""
+    mid = (m + 1) * 0.5
+    sumsq = 0.0
+    s = 0
+    while s < m:
+        e = s + 1
+        k = sw[s] >> _HIGH
+        while e < m and (sw[e] >> _HIGH) == k:
+            e += 1
+        r = (s + e + 1) * 0.5 - mid  # ranks s+1 .. e averaged, centred
+        rf = np.float32(r)
+        for t in range(s, e):
+            out[sw[t] & _LOW32] = rf
+        sumsq += (e - s) * r * r
+        s = e
+    return sumsq
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _gather_products(m, sw, rx):
+    """For the m sorted words of y: (sum over their pixels of centred rank of x times centred
+    rank of y, sum of squared centred ranks of y); ``rx`` the centred ranks of x by pixel."""
+    mid = (m + 1) * 0.5
+    sumsq = 0.0
+    sxy = 0.0
+    s = 0
+    while s < m:
+        e = s + 1
+        k = sw[s] >> _HIGH
+        acc = np.float64(rx[sw[s] & _LOW32])
+        while e < m and (sw[e] >> _HIGH) == k:
+            acc += rx[sw[e] & _LOW32]
+            e += 1
+        r = (s + e + 1) * 0.5 - mid
+        sxy += r * acc
+        sumsq += (e - s) * r * r
+        s = e
+    return sxy, sumsq
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def pixel_ranks(x, ranks, sumsq, finite):
+    """Centred ranks of each unmasked float32 row of ``x`` [c,n] into ``ranks`` [c,n]."""
+    c, n = x.shape
+    words = np.empty(n, np.uint64)
+    words2 = np.empty(n, np.uint64)
+    hist = np.empty((_PASSES, _RADIX), np.int32)
+    dummy = np.zeros(1, np.bool_)
+    for p in range(c):
+        m, sw, fin = _sort(x[p], dummy, False, words, words2, hist)
+        sumsq[p] = _scatter_ranks(m, sw, ranks[p])
+        finite[p] = fin
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def spearman_sums(x, y, valid, use_valid, shared, which, use_shared, sxy, sxx, syy, nvalid, finite):
+    """Per row p of float32 [c,n] ``x``, ``y``: the sums of products and squares of centred
+    ranks over the pixels with ``valid[p]`` (all when not ``use_valid``), the count of such
+    pixels and whether they are all finite. With ``use_shared`` the ranks of ``x[p]`` are
+    ``shared[which[p]]`` (unmasked rows ranked beforehand; ``sxx`` is left as it is) and
+    ``x`` is not read."""
+    c, n = y.shape
+    words = np.empty(n, np.uint64)
+    words2 = np.empty(n, np.uint64)
+    hist = np.empty((_PASSES, _RADIX), np.int32)
+    rx = np.empty(n, np.float32)
+    for p in range(c):
+        vp = valid[p] if use_valid else valid[0]
+        if use_shared:
+            xr = shared[which[p]]
+            fx = True
+        else:
+            m, sw, fx = _sort(x[p], vp, use_valid, words, words2, hist)
+            sxx[p] = _scatter_ranks(m, sw, rx)
+            xr = rx
+        m, sw, fy = _sort(y[p], vp, use_valid, words, words2, hist)
+        nvalid[p] = m
+        finite[p] = fx and fy
+        sxy[p], syy[p] = _gather_products(m, sw, xr)
+
+
+# --------------------------------------------------------------------------- repeated rows
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def row_hashes(bits, out):
+    """A 64-bit hash of each row of the integer view ``bits`` [c,n] of a map batch (sum of
+    bits times position-dependent odd multipliers, mod 2^64); equal rows hash equal."""
+    c, n = bits.shape
+    k = np.uint64(0x9E3779B97F4A7C15)
+    for p in range(c):
+        h = np.uint64(0)
+        for i in range(n):
+            h += np.uint64(bits[p, i]) * ((np.uint64(i) * k) | np.uint64(1))
+        out[p] = h
+
+
+@njit(nogil=True, cache=True)
+def rows_equal_to(bits, first, which):
+    """Whether every row p of ``bits`` equals row ``first[which[p]]`` bit for bit."""
+    c, n = bits.shape
+    for p in range(c):
+        q = first[which[p]]
+        if q == p:
+            continue
+        for i in range(n):
+            if bits[p, i] != bits[q, i]:
+                return False
+    return True
