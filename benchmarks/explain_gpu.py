@@ -363,13 +363,6 @@ def compare_units(a: UnitResult, b: UnitResult) -> dict:
     }
 
 
-def release_cams(ref) -> None:
-    """Remove the hooks pytorch-grad-cam left on the reference model's layer."""
-    for cam in ref._cams.values():
-        cam.activations_and_grads.release()
-    ref._cams.clear()
-
-
 def reference_inputs(images01: torch.Tensor, count: int, normalize) -> torch.Tensor:
     """`count` model inputs: the originals first, then variants of them (REF_VARIANTS)."""
     n, size = images01.shape[0], images01.shape[-1]
@@ -403,7 +396,7 @@ def reference_warmup(bundle: Bundle, images01: torch.Tensor, device) -> bool:
     x = M.normalize(images01[:1], bundle.name)
     with precision_flags("reference"):
         ref.run("gradcam", x[0], 0)
-        release_cams(ref)
+        ref.release()
         ref._call_model_function(x.permute(0, 2, 3, 1).cpu().numpy(), {"target": 0})
         SP.sync(device)
     a = np.random.default_rng(0).random((images01.shape[-1],) * 2).astype(np.float32)
@@ -445,7 +438,7 @@ def measure_reference(ref, method: str, xs: torch.Tensor, max_maps: int, share_s
             map_only.append(t1 - t0)
             est = statistics.median(per_map)
     if method in CAM_METHODS:
-        release_cams(ref)
+        ref.release()
     if not per_map:
         return {"maps": 0}
     return {
