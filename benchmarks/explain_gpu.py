@@ -21,10 +21,10 @@ What it measures, per (model, method, precision), in one run (docs/gpu.md):
   (saliency_speed.measure_limits), per precision, NCHW and, for conv nets, channels_last (the
   faster counts); % of limit = model passes per map x maps/s over the limit (LIME: forward
   limit; with its segmentation added to the limit time as well);
-- precisions: fp32 (TF32 off for matmul and cuDNN), tf32 (both on), bf16 (torch.autocast
-  around the model forward through a wrapper that returns float32 logits; the wrapper sits
-  around the conv+BN-folded copy for the methods that use one, as the engine's fast path
-  does). Each non-fp32 precision is compared with the fp32 run of the same images: Pearson per
+- precisions: cose.precision, as explain.precision runs them: fp32 (TF32 off for matmul and
+  cuDNN), tf32 (both on), bf16 (torch.autocast around the model forward through a wrapper
+  that returns float32 logits; the wrapper sits around the conv+BN-folded copy for the
+  non-CAM methods); class predictions are fp32 at every precision. Each non-fp32 precision is compared with the fp32 run of the same images: Pearson per
   map (maps whose class agrees), per-pair |SSIM difference|; >= 0.99 on every map to recommend.
 
 The budget (--budget-s) is shared out ahead: every (method, model) item is predicted from the
@@ -54,7 +54,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from cose import models as M
+from cose import precision as P
 from cose import saliency
 from cose import transforms as T
 from cose.engine import UnitResult, explain_unit
@@ -81,8 +82,8 @@ SIM = _sibling("similarity_speed")  # reference_pair: skimage SSIM + scipy Spear
 
 SCHEMA = "cose.explain_gpu/1"
 METHODS = saliency.METHODS
-CAM_METHODS = ("gradcam", "gradcampp")
-PRECISIONS = ("fp32", "tf32", "bf16")
+CAM_METHODS = P.CAM_METHODS
+PRECISIONS = P.PRECISIONS
 MEAN = torch.tensor(SP.MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(SP.STD).view(1, 3, 1, 1)
 # PyTorch's own defaults at import (matmul TF32 off, cuDNN TF32 on): what the reference ran
@@ -129,38 +130,17 @@ EFFICIENCY_PRIOR = 0.4  # fraction of the limit assumed before anything is measu
 
 @contextlib.contextmanager
 def precision_flags(mode: str):
-    """TF32 flags for `mode`: fp32/bf16 off, tf32 on, "reference" PyTorch's defaults."""
+    """TF32 flags: cose.precision.flags(mode), or PyTorch's defaults for "reference"."""
+    if mode != "reference":
+        with P.flags(mode) as f:
+            yield f
+        return
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    if mode == "reference":
-        new = DEFAULT_FLAGS
-    else:
-        new = (mode == "tf32", mode == "tf32")
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = new
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = DEFAULT_FLAGS
     try:
-        yield {"matmul_allow_tf32": new[0], "cudnn_allow_tf32": new[1]}
+        yield {"matmul_allow_tf32": DEFAULT_FLAGS[0], "cudnn_allow_tf32": DEFAULT_FLAGS[1]}
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-class Autocast(nn.Module):
-    """Runs `module` under torch.autocast(device_type, dtype) and returns float32 outputs.
-
-    `module` keeps its name (cose.models.cam_layer unwraps `.module`, so CAMs hook the inner
-    layer). It refuses torch.fx tracing: tracing would drop the autocast region, so the
-    engine's conv+BN folding (`saliency._core.fast_model`) must fall back to this wrapper."""
-
-    def __init__(self, module: nn.Module, device_type: str, dtype=torch.bfloat16):
-        super().__init__()
-        self.module = module
-        self.device_type = device_type
-        self.dtype = dtype
-
-    def forward(self, x):
-        if isinstance(x, torch.fx.Proxy):
-            raise TypeError("Autocast wrapper: not traceable (autocast would be lost)")
-        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
-            out = self.module(x)
-        return out.float()
 
 
 # ----------------------------------------------------------------------------- models
@@ -176,24 +156,9 @@ class Bundle:
     checkpoints: dict[str, nn.Module]
     reference_model: nn.Module
     build_s: float = 0.0
-    cache: dict = field(default_factory=dict)
 
     def all(self) -> list[nn.Module]:
         return [self.model, self.random, *self.checkpoints.values()]
-
-    def for_run(self, method: str, precision: str, device: torch.device, example):
-        """(model, random, checkpoints) as the unit gets them at `precision`."""
-        if precision != "bf16":
-            return self.model, self.random, self.checkpoints
-        key = (method in CAM_METHODS, precision)
-        if key not in self.cache:
-            wrapped = []
-            for m in self.all():
-                inner = m if method in CAM_METHODS else saliency._core.fast_model(m, example)
-                wrapped.append(Autocast(inner, device.type).eval())
-            names = list(self.checkpoints)
-            self.cache[key] = (wrapped[0], wrapped[1], dict(zip(names, wrapped[2:])))
-        return self.cache[key]
 
 
 def build_bundle(name: str, device: torch.device, n_ckpt: int) -> Bundle:
@@ -256,7 +221,7 @@ def limits_for(bundle: Bundle, precision: str, size: int, device, batch: int, it
             memory_format=torch.channels_last)))
     with precision_flags(precision):
         for fmt, m in variants:
-            run = Autocast(m, device.type).eval() if precision == "bf16" else m
+            run = P.Autocast(m, device.type).eval() if precision == "bf16" else m
             SP.measure_limits(run, size, device, batch, 1)  # warm-up: its one call is not enough
             res = SP.measure_limits(run, size, device, batch, iters)
             out[fmt] = {k: round(v, 2) for k, v in res.items()}
@@ -535,8 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         "tensor's std, built once before the timing",
     ]
     if "bf16" in precisions:
-        notes.append("bf16: torch.autocast wrapper around the model (conv+BN-folded copy for "
-                     "the non-CAM methods), float32 logits; explain_unit has no precision hook")
+        notes.append("bf16: explain_unit(precision='bf16'): torch.autocast wrapper around the "
+                     "model (conv+BN-folded copy for the non-CAM methods), float32 logits; "
+                     "predictions fp32")
     if args.smoke:
         notes.append("SMOKE: tiny model, CPU, reduced steps for ours only; not a result")
 
@@ -716,22 +682,19 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append({"model": name, "method": method, "precision": prec,
                                 "reason": reason})
                 continue
-            example = M.normalize(images01[:1], name)
-            with precision_flags(prec) as flags:
-                model, rand, ckpts = b.for_run(method, prec, device, example)
-                warm = {**WARM_SETTINGS.get(method, {}), **settings_base}
-                explain_unit(model, images01[:1], labels[:1], [0], method, norm,
-                             transforms=("FlipLR", "Rotate"), magnitudes=1, random_model=rand,
-                             checkpoints=ckpts, settings=warm, batch_size=args.unit_batch)
-                SP.sync(device)
-                t0 = time.perf_counter()
-                res = explain_unit(model, images01[:n], labels[:n], idx_list, method, norm,
-                                   transforms=transforms, magnitudes=args.magnitudes, seed=0,
-                                   random_model=rand, checkpoints=ckpts,
-                                   settings=settings[method], batch_size=args.unit_batch,
-                                   keep_samples=keep)
-                SP.sync(device)
-                dt = time.perf_counter() - t0
+            flags = {"matmul_allow_tf32": prec == "tf32", "cudnn_allow_tf32": prec == "tf32"}
+            common = dict(random_model=b.random, checkpoints=b.checkpoints, precision=prec,
+                          batch_size=args.unit_batch)  # fmt: skip
+            warm = {**WARM_SETTINGS.get(method, {}), **settings_base}
+            explain_unit(b.model, images01[:1], labels[:1], [0], method, norm,
+                         transforms=("FlipLR", "Rotate"), magnitudes=1, settings=warm, **common)
+            SP.sync(device)
+            t0 = time.perf_counter()
+            res = explain_unit(b.model, images01[:n], labels[:n], idx_list, method, norm,
+                               transforms=transforms, magnitudes=args.magnitudes, seed=0,
+                               settings=settings[method], keep_samples=keep, **common)
+            SP.sync(device)
+            dt = time.perf_counter() - t0
             maps = len(res.pairs) + n  # one pair per variant map, plus the originals
             s_map = dt / maps
             ratios_ours.setdefault((name, prec), []).append(

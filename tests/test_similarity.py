@@ -413,3 +413,27 @@ def test_thread_pool_path_restores_threads():
         torch.set_num_threads(before)
     for p, q in zip(pooled, single):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12, equal_nan=True)
+
+
+def test_without_numba_the_torch_path_runs(monkeypatch):
+    """Where numba cannot be imported, the CPU falls back to the torch code: same values."""
+    import sys
+
+    import cose.similarity as sim
+
+    rng = np.random.default_rng(21)
+    a, b = varied_maps(rng, 7, 40, 36)
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    with_kernels = (sim.ssim(torch.from_numpy(a), torch.from_numpy(b)),
+                    sim.spearman(torch.from_numpy(a), torch.from_numpy(b)))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
+    monkeypatch.delitem(sys.modules, "cose._similarity_cpu")
+    monkeypatch.delattr(sys.modules["cose"], "_similarity_cpu")
+    sim._kernels_available.cache_clear()
+    try:
+        assert not sim._kernels_available()
+        s, r = check(a, b)
+    finally:
+        sim._kernels_available.cache_clear()
+    torch.testing.assert_close(s, with_kernels[0], rtol=0, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(r, with_kernels[1], rtol=0, atol=1e-12, equal_nan=True)

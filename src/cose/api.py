@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cose import precision as P
 from cose import scoring
 from cose import transforms as T
 
@@ -251,6 +252,7 @@ def evaluate(
     dataset: str = "custom",
     model_name: str | None = None,
     progress: bool | None = None,
+    precision: str = "fp32",
 ) -> Evaluation:
     """COSE of saliency ``methods`` on ``model`` for ``images`` (float ``[N,C,H,W]`` in [0,1],
     at the model's input size) with integer ``labels``.
@@ -266,14 +268,16 @@ def evaluate(
     ``batch_size`` bounds images per model call, ``chunk_size`` images per work unit
     (memory). ``ids`` name the images (default 0..N-1; the draws depend on them, not on the
     chunking). ``progress``: a progress bar with ETA (default: on unless ``CI`` / quiet /
-    stderr is not a terminal). All models are put in eval mode during the run and restored.
-    Returns an :class:`Evaluation`.
+    stderr is not a terminal). ``precision``: of the saliency passes, ``"fp32"`` (default),
+    ``"tf32"`` or ``"bf16"`` (:mod:`cose.precision`; predictions stay fp32). All models are
+    put in eval mode during the run and restored. Returns an :class:`Evaluation`.
     """
     from cose.engine import explain_unit
 
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     method_list = _methods(methods)
+    P.check(precision)
     tf = _transforms(transforms)
     norm = _normalizer(normalize)
     ckpts = _checkpoints(checkpoints)
@@ -327,7 +331,8 @@ def evaluate(
                     model, x[start:stop], y[start:stop], ids[start:stop], method, norm,
                     transforms=tf, magnitudes=magnitudes, seed=seed, random_model=random_model,
                     checkpoints=ckpts, settings=dict(settings.get(method, {})),
-                    batch_size=batch_size, keep_samples=sample_maps if start == 0 else 0)
+                    batch_size=batch_size, keep_samples=sample_maps if start == 0 else 0,
+                    precision=precision)
                 parts.append(res.pairs)
                 if res.samples:
                     samples[method] = res.samples

@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 
 METHODS = ("gradcam", "gradcampp", "ig", "smoothgrad", "blur_ig", "guided_ig", "lime")
+PRECISIONS = ("fp32", "tf32", "bf16")  # cose.precision.PRECISIONS (no torch import here)
 TRANSFORM_NAMES = (
     "TranslateX", "TranslateY", "Rotate", "FlipLR", "FlipUD",
     "Brightness", "Color", "Contrast", "Sharpness", "AutoContrast", "Equalize", "Blur", "Smooth",
@@ -70,6 +71,7 @@ class ExplainConfig:
     shard_size: int = 4
     batch_size: int = 256
     sample_maps: int = 2
+    precision: str = "fp32"
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -264,6 +266,10 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
     _check_positive("explain.sample_maps", e.sample_maps, allow_zero=True)
     _check_positive("explain.seed", e.seed, allow_zero=True)
     _check_names("explain.transforms", e.transforms, TRANSFORM_NAMES)
+    if e.precision not in PRECISIONS:
+        raise ConfigError(
+            f"explain.precision: got {e.precision!r}; allowed: {', '.join(PRECISIONS)}"
+        )
     for method, settings in e.settings.items():
         if method not in METHODS:
             raise ConfigError(

@@ -17,12 +17,19 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cose import precision as P
 from cose import saliency, similarity
 from cose import transforms as T
 
 PAIR_COLUMNS = [
-    "test_idx", "target_class", "pred_class", "transform_type", "transform_magnitude",
-    "t_pred_class", "ssim", "spearman",
+    "test_idx",
+    "target_class",
+    "pred_class",
+    "transform_type",
+    "transform_magnitude",
+    "t_pred_class",
+    "ssim",
+    "spearman",
 ]
 
 
@@ -58,8 +65,13 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def _explain(
-    method: str, model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
-    settings: dict, batch_size: int, seed: int,
+    method: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    settings: dict,
+    batch_size: int,
+    seed: int,
 ) -> torch.Tensor:
     kwargs = dict(settings)
     stochastic = "seed" in saliency.defaults(method)
@@ -87,14 +99,34 @@ def explain_unit(
     settings: dict | None = None,
     batch_size: int = 256,
     keep_samples: int = 0,
+    precision: str = "fp32",
 ) -> UnitResult:
-    """Per-pair records (REFERENCE.md, step 6) for `images01` ([B,C,H,W] in [0,1])."""
-    settings = settings or {}
-    checkpoints = checkpoints or {}
+    """Per-pair records (REFERENCE.md, step 6) for `images01` ([B,C,H,W] in [0,1]).
+
+    ``precision`` (:mod:`cose.precision`): of the saliency passes; predictions are fp32."""
+    P.check(precision)
+    with P.flags("fp32"):
+        return _unit(
+            model, images01, labels, test_idx, method, normalize, transforms, magnitudes, seed,
+            random_model, checkpoints or {}, settings or {}, batch_size, keep_samples, precision,
+        )  # fmt: skip
+
+
+def _unit(
+    model, images01, labels, test_idx, method, normalize, transforms, magnitudes, seed,
+    random_model, checkpoints, settings, batch_size, keep_samples, precision,
+) -> UnitResult:  # fmt: skip
     B, _, H, W = images01.shape
     x = normalize(images01)
     pred = predict(model, x, batch_size)
-    map0 = _explain(method, model, x, pred, settings, batch_size, seed)
+
+    def maps(m: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, salt: int):
+        """Saliency maps of `m` at the unit's precision (predictions stay fp32)."""
+        run = P.wrap(m, precision, method, inputs[:1])
+        with P.flags(precision):
+            return _explain(method, run, inputs, targets, settings, batch_size, salt)
+
+    map0 = maps(model, x, pred, seed)
     labels = labels.to(images01.device)
 
     # every variant: (type, magnitudes [B], maps [B,H,W] in the original frame, t_pred, mask)
@@ -111,7 +143,7 @@ def explain_unit(
     if names:
         xall = torch.cat([normalize(T.apply(n, images01, m)) for n, m in zip(names, mags)])
         tpred_all = predict(model, xall, batch_size)
-        maps_all = _explain(method, model, xall, tpred_all, settings, batch_size, seed + 1)
+        maps_all = maps(model, xall, tpred_all, seed + 1)
         del xall
         for k, (n, m) in enumerate(zip(names, mags)):
             mv, tp = maps_all[k * B : (k + 1) * B], tpred_all[k * B : (k + 1) * B]
@@ -128,7 +160,7 @@ def explain_unit(
     )
     for k, (tag, vmodel) in enumerate(others):
         tp = predict(vmodel, x, batch_size)
-        mv = _explain(method, vmodel, x, tp, settings, batch_size, seed + 2 + k)
+        mv = maps(vmodel, x, tp, seed + 2 + k)
         variants.append((tag, zeros, mv, tp, None))
 
     cols: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
@@ -154,9 +186,15 @@ def explain_unit(
     keep = min(keep_samples, B)
     pairs = pd.DataFrame(cols)
     pairs = pairs.astype(
-        {"test_idx": "int64", "target_class": "int64", "pred_class": "int64",
-         "t_pred_class": "int64", "transform_magnitude": "float64",
-         "ssim": "float64", "spearman": "float64"}
+        {
+            "test_idx": "int64",
+            "target_class": "int64",
+            "pred_class": "int64",
+            "t_pred_class": "int64",
+            "transform_magnitude": "float64",
+            "ssim": "float64",
+            "spearman": "float64",
+        }
     )
     out: dict[str, np.ndarray] = {}
     if keep:

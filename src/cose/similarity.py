@@ -23,6 +23,7 @@ See docs/metric.md for tolerances against skimage/scipy and the deliberate devia
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -280,12 +281,24 @@ def _ssim(a, b, mask, workers: int) -> torch.Tensor:
     return torch.where(ok, value, torch.full_like(value, float("nan")))
 
 
+@functools.cache
+def _kernels_available() -> bool:
+    """numba is a dependency; where it cannot be imported (a bare GPU image, a platform
+    without its wheels) the CPU runs the torch code, same results, slower."""
+    try:
+        from cose import _similarity_cpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _compiled_cpu(x: torch.Tensor) -> bool:
     """Whether the compiled CPU kernels (:mod:`cose._similarity_cpu`) take ``x``."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and sys.byteorder == "little"
+        and _kernels_available()
     )
 
 

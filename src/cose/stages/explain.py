@@ -188,7 +188,7 @@ def compute_unit(unit: Unit, cfg_dict: dict[str, Any], root: str | None = None) 
         ctx["normalize"], transforms=cfg.explain.transforms, magnitudes=cfg.explain.magnitudes,
         seed=cfg.explain.seed, random_model=ctx["random"], checkpoints=ctx["checkpoints"],
         settings=cfg.explain.settings.get(unit.method, {}), batch_size=cfg.explain.batch_size,
-        keep_samples=keep,
+        keep_samples=keep, precision=cfg.explain.precision,
     )
     buf = io.BytesIO()
     result.pairs.to_parquet(buf, index=False)

@@ -1,0 +1,96 @@
+"""Numeric precision of the saliency passes: ``fp32`` (default), ``tf32``, ``bf16``.
+
+- ``fp32``: float32 throughout, TF32 off for matmuls and cuDNN convolutions (PyTorch turns
+  cuDNN's TF32 on by default; ``fp32`` here means true float32 on every device).
+- ``tf32``: TF32 on for matmuls and cuDNN convolutions (Ampere and later GPUs; on other
+  devices it changes nothing).
+- ``bf16``: the models run under ``torch.autocast(dtype=bfloat16)`` (GPU, and CPU where torch
+  supports it); logits come back as float32, so softmax, gradients to the input and all map
+  post-processing stay float32. Non-CAM methods get the conv+BN-folded copy inside the
+  autocast wrapper (folding needs torch.fx tracing, which the wrapper refuses: tracing would
+  drop the autocast region).
+
+The explain stage (``explain.precision``), ``cose.evaluate(precision=...)`` and
+``cose.engine.explain_unit(precision=...)`` take these names. Class predictions (which decide
+whether a pair counts for consistency or sensitivity) are always made in fp32, so the pairs of
+a unit are the same at every precision and only the maps differ. Which methods keep maps
+within Pearson 0.99 of fp32 at each precision is measured by ``benchmarks/explain_gpu.py``
+(docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["PRECISIONS", "Autocast", "check", "flags", "wrap"]
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+CAM_METHODS = ("gradcam", "gradcampp")
+
+
+def check(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: got {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    return precision
+
+
+@contextlib.contextmanager
+def flags(precision: str) -> Iterator[dict[str, bool]]:
+    """TF32 flags for ``precision`` while the block runs (restored afterwards): on for
+    ``tf32``, off otherwise."""
+    check(precision)
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    on = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield {"matmul_allow_tf32": on, "cudnn_allow_tf32": on}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+class Autocast(nn.Module):
+    """Runs ``module`` under ``torch.autocast(device_type, dtype)``, returns float32 outputs.
+
+    ``module`` keeps its name (``cose.models.cam_layer`` unwraps ``.module``, so CAMs hook the
+    inner layer). It refuses torch.fx tracing: tracing would drop the autocast region, so
+    conv+BN folding (``cose.saliency._core.fast_model``) falls back to the wrapper as is."""
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.module = module
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def forward(self, x):
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError("Autocast wrapper: not traceable (autocast would be lost)")
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            out = self.module(x)
+        return out.float()
+
+
+def _device_type(model: nn.Module, example: torch.Tensor | None) -> str:
+    for p in model.parameters():
+        return p.device.type
+    return example.device.type if example is not None else "cpu"
+
+
+def wrap(model: nn.Module, precision: str, method: str, example: torch.Tensor | None = None):
+    """``model`` as the saliency passes of ``method`` run it at ``precision``: itself for fp32
+    and tf32 (the flags do the rest), an :class:`Autocast` wrapper for bf16, around the
+    conv+BN-folded copy for non-CAM methods (``example``: one model input, to check the
+    folding)."""
+    check(precision)
+    if precision != "bf16":
+        return model
+    inner = model
+    if method not in CAM_METHODS and example is not None:
+        from cose.saliency import _core
+
+        inner = _core.fast_model(model, example)
+    return Autocast(inner, _device_type(model, example)).eval()

@@ -1,0 +1,125 @@
+"""cose.precision: fp32 / tf32 / bf16 saliency passes through explain_unit, cose.evaluate and
+the explain.precision param. On the CPU, bf16 is torch's CPU autocast (the GPU figures come from
+benchmarks/explain_gpu.py and tests/test_gpu.py on a device)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cose
+from cose import config, models
+from cose import precision as P
+from cose.engine import explain_unit
+from cose.saliency import _core
+
+TF = ("Rotate", "FlipLR", "Brightness", "Blur")
+
+
+def demo(seed: int = 0) -> nn.Module:
+    return models.create("demo_resnet", 10, seed=seed, head="mlp").eval()
+
+
+def images(n: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def unit(model, x, method: str, precision: str, **kw):
+    return explain_unit(
+        model, x, torch.zeros(len(x), dtype=torch.long), list(range(len(x))), method,
+        lambda t: models.normalize(t, "demo_resnet"), transforms=TF, magnitudes=2,
+        random_model=demo(1), checkpoints={"mid_ckpt_e001": demo(2)}, batch_size=16,
+        keep_samples=len(x), precision=precision, **kw,
+    )  # fmt: skip
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return float((a @ b) / np.sqrt((a @ a) * (b @ b)))
+
+
+def test_flags_set_and_restore():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with P.flags("tf32") as f:
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert f == {"matmul_allow_tf32": True, "cudnn_allow_tf32": True}
+        with P.flags("fp32"):
+            assert not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with pytest.raises(ValueError, match="precision: got 'fp16'; allowed: fp32, tf32, bf16"):
+        with P.flags("fp16"):
+            pass
+
+
+def test_wrap_per_method():
+    m = demo()
+    x = models.normalize(images(1), "demo_resnet")
+    assert P.wrap(m, "fp32", "ig", x) is m and P.wrap(m, "tf32", "gradcam", x) is m
+    cam = P.wrap(m, "bf16", "gradcam", x)
+    grad = P.wrap(m, "bf16", "ig", x)
+    assert isinstance(cam, P.Autocast) and cam.module is m  # CAMs hook the model's own layer
+    assert models.cam_layer(cam)[0] is models.cam_layer(m)[0]
+    assert not any(isinstance(k, nn.BatchNorm2d) for k in grad.module.modules())  # folded
+    out = grad(x)
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        assert (out - m(x)).abs().max() < 0.05 * m(x).abs().max()
+    # conv+BN folding needs fx tracing, which the wrapper refuses: it stays as it is
+    assert _core.fast_model(grad, x) is grad
+    with pytest.raises(ValueError, match="allowed: fp32, tf32, bf16"):
+        P.wrap(m, "half", "ig", x)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "ig"])
+def test_explain_unit_precisions(method):
+    """Same pairs (predictions are fp32) at every precision; on the CPU tf32 changes nothing,
+    bf16 changes the maps a little."""
+    model, x = demo(), images()
+    ref = unit(model, x, method, "fp32")
+    tf32 = unit(model, x, method, "tf32")
+    bf16 = unit(model, x, method, "bf16")
+    keys = ["test_idx", "transform_type", "transform_magnitude", "pred_class", "t_pred_class"]
+    assert ref.pairs[keys].equals(bf16.pairs[keys])
+    assert ref.pairs.equals(tf32.pairs)
+    a, b = ref.samples["variant_maps"], bf16.samples["variant_maps"]
+    assert not np.array_equal(a, b)  # autocast really ran
+    worst = min(pearson(a[v, i], b[v, i]) for v in range(a.shape[0]) for i in range(a.shape[1]))
+    assert worst > 0.9, worst
+    diff = (ref.pairs[["ssim", "spearman"]] - bf16.pairs[["ssim", "spearman"]]).abs()
+    assert float(diff.max().max()) < 0.2
+
+
+def test_explain_unit_restores_flags_and_rejects_unknown():
+    model, x = demo(), images(1)
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+    unit(model, x, "gradcam", "bf16")
+    assert torch.backends.cudnn.allow_tf32
+    with pytest.raises(ValueError, match="precision: got 'fp64'"):
+        unit(model, x, "gradcam", "fp64")
+
+
+def test_evaluate_precision():
+    model, x = demo(), images(2)
+    labels = torch.zeros(2, dtype=torch.long)
+    common = dict(methods="gradcam", transforms=["FlipLR"], normalize="demo_resnet",
+                  progress=False)  # fmt: skip
+    a = cose.evaluate(model, x, labels, **common)
+    b = cose.evaluate(model, x, labels, precision="bf16", **common)
+    assert a.pairs[["test_idx", "pred_class", "t_pred_class"]].equals(
+        b.pairs[["test_idx", "pred_class", "t_pred_class"]]
+    )
+    with pytest.raises(ValueError, match="precision: got 'int8'"):
+        cose.evaluate(model, x, labels, precision="int8", **common)
+
+
+def test_config_precision():
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent / "params.yaml"
+    assert config.PRECISIONS == P.PRECISIONS
+    assert config.load(root).explain.precision == "fp32"
+    cfg = config.load(root, ["explain.precision=bf16"])
+    assert cfg.explain.precision == "bf16"
+    with pytest.raises(config.ConfigError, match="explain.precision: got 'fp16'; allowed"):
+        config.load(root, ["explain.precision=fp16"])
