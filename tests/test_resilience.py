@@ -356,3 +356,28 @@ def test_tracking_outage_finishes_then_cose_log_replays_once(reference, tmp_path
         assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in runs)
     finally:
         _stop_server(server)
+
+
+def test_shard_fingerprint_covers_the_code_explain_units_run():
+    """Every cose module an explain unit imports (engine, saliency, similarity and its compiled
+    kernels, transforms, precision) is hashed into the shard fingerprints, so changing any of
+    them recomputes the shards instead of reusing stale numbers."""
+    probe = (
+        "import sys, torch, cose.engine as e, cose.similarity as s\n"
+        "a = torch.rand(2, 8, 8)\n"
+        "s.ssim(a, a.flip(1)); s.spearman(a, a.flip(1))\n"  # the lazily imported kernels
+        "print('\\n'.join(sorted(m.__file__ for n, m in list(sys.modules.items())\n"
+        "      if n.startswith('cose') and getattr(m, '__file__', None))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300
+    )
+    from cose.stages.common import EXPLAIN_CODE
+
+    base = Path(__file__).resolve().parent.parent / "src" / "cose"
+    covered = [base / p for p in EXPLAIN_CODE]
+    for line in out.stdout.split():
+        f = Path(line).resolve()
+        if f.name == "__init__.py" and f.parent == base:
+            continue  # the package marker
+        assert any(f == c or c in f.parents for c in covered), f"{f} not in EXPLAIN_CODE"

@@ -20,17 +20,9 @@ from torch import nn
 from cose import precision as P
 from cose import saliency, similarity
 from cose import transforms as T
+from cose.columns import UNIT_COLUMNS
 
-PAIR_COLUMNS = [
-    "test_idx",
-    "target_class",
-    "pred_class",
-    "transform_type",
-    "transform_magnitude",
-    "t_pred_class",
-    "ssim",
-    "spearman",
-]
+PAIR_COLUMNS = list(UNIT_COLUMNS)
 
 
 @dataclass

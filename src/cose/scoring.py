@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cose.columns import GROUP_COLUMNS, PAIR_COLUMNS
 from cose.transforms import GEOMETRIC, PHOTOMETRIC, TRANSFORMS
 
 __all__ = [
@@ -67,20 +68,6 @@ MEAN_METRICS: tuple[str, ...] = (
 )
 METRICS: tuple[str, ...] = MEAN_METRICS + ("sensitivity", "cose", "cose_hmean")
 
-PAIR_COLUMNS: tuple[str, ...] = (
-    "dataset",
-    "model",
-    "saliency_method",
-    "test_idx",
-    "target_class",
-    "pred_class",
-    "transform_type",
-    "transform_magnitude",
-    "t_pred_class",
-    "ssim",
-    "spearman",
-)
-GROUP_COLUMNS: tuple[str, ...] = ("saliency_method", "dataset", "model")
 REFERENCE_COLUMNS: tuple[str, ...] = (
     "test_idx",
     "target_class",

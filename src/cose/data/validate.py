@@ -19,13 +19,11 @@ from typing import Any
 
 import pandas as pd
 
+from cose.columns import PAIR_COLUMNS
+
 from .image import CONVERTED_MODES
 from .manifest import CLASSES, MANIFEST, MANIFEST_COLUMNS, SPLITS, read_classes, sha256_file
 
-PAIR_COLUMNS = (
-    "dataset", "model", "saliency_method", "test_idx", "target_class", "pred_class",
-    "transform_type", "transform_magnitude", "t_pred_class", "ssim", "spearman",
-)
 _TRANSFORMS = (
     "TranslateX", "TranslateY", "Rotate", "FlipLR", "FlipUD", "Brightness", "Color", "Contrast",
     "Sharpness", "AutoContrast", "Equalize", "Blur", "Smooth",

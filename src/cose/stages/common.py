@@ -19,7 +19,10 @@ EXPLAIN = Path("outputs") / "explain"
 RESULTS = Path("results")
 
 # Modules whose code determines an explain shard's numbers (fingerprinted into each shard).
-EXPLAIN_CODE = ("engine.py", "transforms.py", "similarity.py", "saliency")
+EXPLAIN_CODE = (
+    "engine.py", "columns.py", "precision.py", "transforms.py", "similarity.py",
+    "_similarity_cpu.py", "saliency",
+)
 
 
 def ckpt_dir(dataset: str, model: str) -> Path:
