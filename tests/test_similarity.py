@@ -437,3 +437,10 @@ def test_without_numba_the_torch_path_runs(monkeypatch):
         sim._kernels_available.cache_clear()
     torch.testing.assert_close(s, with_kernels[0], rtol=0, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(r, with_kernels[1], rtol=0, atol=1e-12, equal_nan=True)
+
+
+def test_maps_that_require_grad():
+    a = torch.rand(3, 12, 12, requires_grad=True)
+    b = torch.rand(3, 12, 12)
+    torch.testing.assert_close(ssim(a, b), ssim(a.detach(), b))
+    torch.testing.assert_close(spearman(a, b, b > 0.5), spearman(a.detach(), b, b > 0.5))

@@ -69,7 +69,8 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None, wha
     work = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     if dev.type == "mps":
         work = torch.float32
-    return a.to(work), b.to(work), mask
+    # similarity is a measurement, not part of a graph: no gradients flow through it
+    return a.detach().to(work), b.detach().to(work), mask
 
 
 def _row_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
