@@ -9,6 +9,9 @@ many samples); LIME: identical masks.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -27,19 +30,15 @@ torch.set_num_threads(2)
 # ----------------------------------------------------------------------------- reference side
 
 
-class _NumpyQuantileShim:
-    """PAIR 0.2.1's GuidedIG passes interpolation= to np.quantile, removed in numpy 2."""
+def _numpy_quantile_shim():
+    """The shim PAIR 0.2.1's GuidedIG needs under numpy 2 (it passes interpolation= to
+    np.quantile): the one the benchmark's reference side uses."""
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    from saliency_speed import _NumpyQuantileShim
 
-    def __init__(self, np_module):
-        self._np = np_module
-
-    def __getattr__(self, name):
-        return getattr(self._np, name)
-
-    def quantile(self, a, q, *args, interpolation=None, **kwargs):
-        if interpolation is not None:
-            kwargs["method"] = interpolation
-        return self._np.quantile(a, q, *args, **kwargs)
+    return _NumpyQuantileShim(np)
 
 
 @pytest.fixture
@@ -47,7 +46,7 @@ def pair(monkeypatch):
     import saliency.core as pair_core
     from saliency.core import guided_ig
 
-    monkeypatch.setattr(guided_ig, "np", _NumpyQuantileShim(np))
+    monkeypatch.setattr(guided_ig, "np", _numpy_quantile_shim())
     return pair_core
 
 
