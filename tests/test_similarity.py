@@ -291,6 +291,8 @@ def test_repeated_originals_ranked_once_match_per_pair(monkeypatch, pattern):
     monkeypatch.setattr(sim, "_repeated_rows", lambda x: None)
     slow = spearman(first, variants)
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12, equal_nan=True)
+    # SSIM passes an expanded original as its one row: the same values as the copies
+    torch.testing.assert_close(ssim(first, variants), ssim(first.contiguous(), variants))
     check(first.contiguous().numpy(), variants.numpy())
     mask = torch.from_numpy(rng.random((7, 224, 224)) > 0.3)
     check(first.contiguous().numpy(), variants.numpy(), mask.numpy())

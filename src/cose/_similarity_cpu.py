@@ -10,9 +10,9 @@ spreads chunks over threads. Semantics are those documented in :mod:`cose.simila
   keeps the variances well conditioned that way); window sums are direct 5-tap sums (no
   running sums that would drift); the per-pixel SSIM values are accumulated in float64.
 - Spearman: exact ranks from an LSD radix sort (3 passes of 11 bits) of the maps' float32 bits
-  mapped to order-preserving unsigned keys, ties averaged as scipy's ``rankdata``. Centred
-  ranks are half-integers, so every sum of their products is exact in float64 whatever the
-  summation order.
+  mapped to order-preserving unsigned keys and packed with the pixel index, ties averaged as
+  scipy's ``rankdata``. Centred ranks are carried doubled, as integers, so every sum over them
+  is an exact int64.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def ssim_sums(a, b, lo, hi, keep, use_keep, total, count, ok):
-    """For each pair p of [c,H,W] maps ``a``, ``b``, with ``lo``/``hi`` [2,c] the minima and
+    """For each pair p of [c,H,W] maps ``a`` (or one map [1,H,W] for every pair), ``b``, with ``lo``/``hi`` [2,c] the minima and
     maxima of ``a`` (row 0) and ``b`` (row 1), NaN propagated: ``total[p]`` the sum of the
     SSIM image over the interior (``use_keep`` False) or over ``keep[p]`` (the eroded mask,
     False within 2 of the border), ``count[p]`` the number of pixels summed, ``ok[p]`` whether
     SSIM is defined (finite maps, data range > 0)."""
-    c, h, w = a.shape
+    c, h, w = b.shape
     n = 25.0
     k1 = n * n * 0.01 * 0.01
     k2 = n * (n - 1.0) * 0.03 * 0.03
@@ -66,7 +66,7 @@ def ssim_sums(a, b, lo, hi, keep, use_keep, total, count, ok):
         inv = dt.type(1.0) / rng
         centre = (alo + ahi + blo + bhi) / dt.type(4.0)
         shift = centre * inv * dt.type(n)
-        ap = a[p]
+        ap = a[0] if a.shape[0] == 1 else a[p]
         bp = b[p]
         for i in range(h):
             for j in range(w):
@@ -118,6 +118,11 @@ def ssim_sums(a, b, lo, hi, keep, use_keep, total, count, ok):
 
 
 # --------------------------------------------------------------------------- Spearman
+#
+# Ranks are carried doubled and centred, as integers: 2 * (average rank - (m+1)/2) = s + e - m
+# for a run of equal keys over sorted positions [s, e). Every sum is then an exact int64
+# (|2r| <= m < 2^22, so a sum of m products stays below 2^63), and the sum of squares has a
+# closed form: sum r^2 = (m^3 - m)/12 - sum over tied runs of (t^3 - t)/12.
 
 
 @njit(inline="always")
@@ -132,7 +137,8 @@ def _key(f, b):
 
 @njit(inline="always")
 def _put(k, i, m, words, hist):
-    words[m] = (np.uint64(k) << np.uint64(32)) | np.uint64(i)
+    """Store key ``k`` of pixel ``i`` as word ``m`` and count its three digits."""
+    words[m] = (np.uint64(k) << _HIGH) | np.uint64(i)
     hist[0, k & _RADIX_MASK] += 1
     hist[1, (k >> _RADIX_BITS) & _RADIX_MASK] += 1
     hist[2, k >> (2 * _RADIX_BITS)] += 1
@@ -182,52 +188,67 @@ def _sort(v, valid, use_valid, words, words2, hist):
     return m, src, finite
 
 
+@njit(inline="always")
+def _sum_sq(m, ties):
+    """Sum of squared centred ranks of m values, ``ties`` = sum of t^3 - t over tied runs."""
+    mf = np.float64(m)
+    return (mf * mf * mf - mf - np.float64(ties)) / 12.0
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def _scatter_ranks(m, sw, out):
-    """Centred ranks (ties averaged, minus (m+1)/2) of the m sorted words into ``out`` at
-    their pixels; returns the sum of their squares."""
-    mid = (m + 1) * 0.5
-    sumsq = 0.0
+    """Doubled centred ranks of the m sorted words into ``out`` (int32) at their pixels;
+    returns the sum of the squared centred ranks."""
+    ties = np.int64(0)
     s = 0
     while s < m:
-        e = s + 1
         k = sw[s] >> _HIGH
-        while e < m and (sw[e] >> _HIGH) == k:
-            e += 1
-        r = (s + e + 1) * 0.5 - mid  # ranks s+1 .. e averaged, centred
-        rf = np.float32(r)
-        for t in range(s, e):
-            out[sw[t] & _LOW32] = rf
-        sumsq += (e - s) * r * r
-        s = e
-    return sumsq
+        if s + 1 < m and (sw[s + 1] >> _HIGH) == k:  # a tied run (rare)
+            e = s + 2
+            while e < m and (sw[e] >> _HIGH) == k:
+                e += 1
+            r2 = np.int32(s + e - m)
+            for t in range(s, e):
+                out[sw[t] & _LOW32] = r2
+            t = np.int64(e - s)
+            ties += t * t * t - t
+            s = e
+        else:
+            out[sw[s] & _LOW32] = np.int32(2 * s + 1 - m)
+            s += 1
+    return _sum_sq(m, ties)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _gather_products(m, sw, rx):
     """For the m sorted words of y: (sum over their pixels of centred rank of x times centred
-    rank of y, sum of squared centred ranks of y); ``rx`` the centred ranks of x by pixel."""
-    mid = (m + 1) * 0.5
-    sumsq = 0.0
-    sxy = 0.0
+    rank of y, sum of squared centred ranks of y); ``rx`` the doubled centred ranks of x by
+    pixel (int32)."""
+    ties = np.int64(0)
+    sxy4 = np.int64(0)  # sum of (2 r_x)(2 r_y)
     s = 0
     while s < m:
-        e = s + 1
         k = sw[s] >> _HIGH
-        acc = np.float64(rx[sw[s] & _LOW32])
-        while e < m and (sw[e] >> _HIGH) == k:
-            acc += rx[sw[e] & _LOW32]
-            e += 1
-        r = (s + e + 1) * 0.5 - mid
-        sxy += r * acc
-        sumsq += (e - s) * r * r
-        s = e
-    return sxy, sumsq
+        if s + 1 < m and (sw[s + 1] >> _HIGH) == k:
+            acc = np.int64(rx[sw[s] & _LOW32])
+            e = s + 1
+            while e < m and (sw[e] >> _HIGH) == k:
+                acc += rx[sw[e] & _LOW32]
+                e += 1
+            sxy4 += np.int64(s + e - m) * acc
+            t = np.int64(e - s)
+            ties += t * t * t - t
+            s = e
+        else:
+            sxy4 += np.int64(2 * s + 1 - m) * np.int64(rx[sw[s] & _LOW32])
+            s += 1
+    return np.float64(sxy4) / 4.0, _sum_sq(m, ties)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def pixel_ranks(x, ranks, sumsq, finite):
-    """Centred ranks of each unmasked float32 row of ``x`` [c,n] into ``ranks`` [c,n]."""
+    """Doubled centred ranks (int32) of each unmasked float32 row of ``x`` [c,n] into
+    ``ranks`` [c,n]."""
     c, n = x.shape
     words = np.empty(n, np.uint64)
     words2 = np.empty(n, np.uint64)
@@ -244,13 +265,13 @@ def spearman_sums(x, y, valid, use_valid, shared, which, use_shared, sxy, sxx, s
     """Per row p of float32 [c,n] ``x``, ``y``: the sums of products and squares of centred
     ranks over the pixels with ``valid[p]`` (all when not ``use_valid``), the count of such
     pixels and whether they are all finite. With ``use_shared`` the ranks of ``x[p]`` are
-    ``shared[which[p]]`` (unmasked rows ranked beforehand; ``sxx`` is left as it is) and
-    ``x`` is not read."""
+    ``shared[which[p]]`` (unmasked rows ranked beforehand by :func:`pixel_ranks`; ``sxx`` is
+    left as it is) and ``x`` is not read."""
     c, n = y.shape
     words = np.empty(n, np.uint64)
     words2 = np.empty(n, np.uint64)
     hist = np.empty((_PASSES, _RADIX), np.int32)
-    rx = np.empty(n, np.float32)
+    rx = np.empty(n, np.int32)
     for p in range(c):
         vp = valid[p] if use_valid else valid[0]
         if use_shared:

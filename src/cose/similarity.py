@@ -307,22 +307,28 @@ def _ssim_compiled(a, b, keep, workers: int) -> torch.Tensor:
     from cose import _similarity_cpu as kernels
 
     bsz = a.shape[0]
-    an = a.contiguous().numpy()
+    # one original expanded against many variants: pass its one row (no copies)
+    one = bsz > 1 and a.stride(0) == 0
+    an = (a[:1] if one else a).contiguous().numpy()
     bn = b.contiguous().numpy()
     kn = keep.contiguous().numpy() if keep is not None else np.zeros((1, 1, 1), dtype=bool)
     total = np.empty(bsz, dtype=np.float64)
     count = np.empty(bsz, dtype=np.float64)
     ok = np.empty(bsz, dtype=bool)
     chunks = _compiled_chunks(bsz, workers)
+    a_flat = an.reshape(an.shape[0], -1)
+    a_lo, a_hi = a_flat.min(axis=1), a_flat.max(axis=1)  # SIMD; NaN propagates
 
     def work(sl: slice) -> None:
-        rows = (an[sl].reshape(sl.stop - sl.start, -1), bn[sl].reshape(sl.stop - sl.start, -1))
-        lo = np.stack([r.min(axis=1) for r in rows])  # SIMD; NaN propagates
-        hi = np.stack([r.max(axis=1) for r in rows])
+        rows = sl.stop - sl.start
+        b_flat = bn[sl].reshape(rows, -1)
+        lo = np.stack((np.broadcast_to(a_lo if one else a_lo[sl], rows), b_flat.min(axis=1)))
+        hi = np.stack((np.broadcast_to(a_hi if one else a_hi[sl], rows), b_flat.max(axis=1)))
         ks = kn[sl] if keep is not None else kn
         kernels.ssim_sums(
-            an[sl], bn[sl], lo, hi, ks, keep is not None, total[sl], count[sl], ok[sl]
-        )
+            an if one else an[sl], bn[sl], lo, hi, ks, keep is not None,
+            total[sl], count[sl], ok[sl],
+        )  # fmt: skip
 
     _map_chunks(work, chunks, workers)
     ok &= count > 0
@@ -393,6 +399,8 @@ def _repeated_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     bsz = x.shape[0]
     if bsz < 2:
         return None
+    if x.strides[0] == 0:  # expanded: one row by construction
+        return np.zeros(1, dtype=np.int64), np.zeros(bsz, dtype=np.int64)
     bits = x.view(np.uint32 if x.dtype.itemsize == 4 else np.uint64)
     hashes = np.empty(bsz, dtype=np.uint64)
     kernels.row_hashes(bits, hashes)
@@ -485,7 +493,7 @@ def _spearman_compiled(x, y, valid, workers: int):
     if repeated is not None:  # rank each distinct original once
         first, which = repeated
         reps = np.ascontiguousarray(xn[first])
-        rep_ranks = np.empty(reps.shape, dtype=np.float32)
+        rep_ranks = np.empty(reps.shape, dtype=np.int32)  # doubled centred ranks
         rep_sumsq = np.empty(reps.shape[0], dtype=np.float64)
         rep_finite = np.empty(reps.shape[0], dtype=bool)
 
@@ -496,7 +504,7 @@ def _spearman_compiled(x, y, valid, workers: int):
         sxx[:] = rep_sumsq[which]
     else:
         xn = np.ascontiguousarray(xn)
-        rep_ranks = np.zeros((1, 1), dtype=np.float32)
+        rep_ranks = np.zeros((1, 1), dtype=np.int32)
         which = np.zeros(1, dtype=np.int64)
 
     def work(sl: slice) -> None:
