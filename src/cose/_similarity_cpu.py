@@ -33,8 +33,9 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def ssim_sums(a, b, lo, hi, keep, use_keep, total, count, ok):
-    """For each pair p of [c,H,W] maps ``a`` (or one map [1,H,W] for every pair), ``b``, with ``lo``/``hi`` [2,c] the minima and
-    maxima of ``a`` (row 0) and ``b`` (row 1), NaN propagated: ``total[p]`` the sum of the
+    """For each pair p of [c,H,W] maps ``a`` (or one map [1,H,W] for every pair) and ``b``,
+    with ``lo``/``hi`` [2,c] the minima and maxima of ``a`` (row 0) and ``b`` (row 1), NaN
+    propagated: ``total[p]`` the sum of the
     SSIM image over the interior (``use_keep`` False) or over ``keep[p]`` (the eroded mask,
     False within 2 of the border), ``count[p]`` the number of pixels summed, ``ok[p]`` whether
     SSIM is defined (finite maps, data range > 0)."""

@@ -75,6 +75,7 @@ def _explain(
     return torch.cat(out)
 
 
+@P.flags("fp32")  # the maps' passes switch to the unit's precision inside
 def explain_unit(
     model: nn.Module,
     images01: torch.Tensor,
@@ -95,19 +96,11 @@ def explain_unit(
 ) -> UnitResult:
     """Per-pair records (REFERENCE.md, step 6) for `images01` ([B,C,H,W] in [0,1]).
 
-    ``precision`` (:mod:`cose.precision`): of the saliency passes; predictions are fp32."""
+    ``precision`` (:mod:`cose.precision`): of the saliency passes; everything else
+    (predictions, transforms, similarity) runs in fp32."""
     P.check(precision)
-    with P.flags("fp32"):
-        return _unit(
-            model, images01, labels, test_idx, method, normalize, transforms, magnitudes, seed,
-            random_model, checkpoints or {}, settings or {}, batch_size, keep_samples, precision,
-        )  # fmt: skip
-
-
-def _unit(
-    model, images01, labels, test_idx, method, normalize, transforms, magnitudes, seed,
-    random_model, checkpoints, settings, batch_size, keep_samples, precision,
-) -> UnitResult:  # fmt: skip
+    settings = settings or {}
+    checkpoints = checkpoints or {}
     B, _, H, W = images01.shape
     x = normalize(images01)
     pred = predict(model, x, batch_size)

@@ -502,13 +502,14 @@ def _spearman_compiled(x, y, valid, workers: int):
 
         _map_chunks(rank, _compiled_chunks(reps.shape[0], workers), workers)
         sxx[:] = rep_sumsq[which]
+        xn = np.zeros((1, 1), dtype=np.float32)  # not read: the kernel takes the shared ranks
     else:
         xn = np.ascontiguousarray(xn)
         rep_ranks = np.zeros((1, 1), dtype=np.int32)
         which = np.zeros(1, dtype=np.int64)
 
     def work(sl: slice) -> None:
-        xs = xn[sl] if repeated is None else xn[:1]
+        xs = xn[sl] if repeated is None else xn
         vs = vn[sl] if valid is not None else vn
         ws = which[sl] if repeated is not None else which
         kernels.spearman_sums(
