@@ -459,17 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     t_start = time.perf_counter()
     deadline = t_start + args.budget_s
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available")
-    methods = [m for m in args.methods.split(",") if m]
+    device, methods = SP.device_and_methods(args)
     model_names = [m for m in args.models.split(",") if m]
     precisions = [p for p in args.precision.split(",") if p]
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"--methods: unknown {m!r}; allowed: {', '.join(METHODS)}")
     for p in precisions:
         if p not in PRECISIONS:
             raise SystemExit(f"--precision: unknown {p!r}; allowed: {', '.join(PRECISIONS)}")

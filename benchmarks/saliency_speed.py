@@ -259,6 +259,20 @@ def measure_limits(model, size, device, batch, iters):
 # ----------------------------------------------------------------------------- main
 
 
+def device_and_methods(args) -> tuple[torch.device, list[str]]:
+    """--threads, --device and --methods as the benchmarks take them (exits on bad values)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"--methods: unknown {m!r}; allowed: {', '.join(METHODS)}")
+    return device, methods
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -281,15 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available")
-    methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"--methods: unknown {m!r}; allowed: {', '.join(METHODS)}")
+    device, methods = device_and_methods(args)
 
     from cose.models import cam_layer
 

@@ -49,16 +49,22 @@ def _positive(x) -> bool:
 # ----------------------------------------------------------------------------- (a) smoke
 
 
-def test_smoke_run_writes_the_schema(tmp_path):
+def _smoke(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`explain_gpu.py --smoke ... --json out` in a subprocess; it must succeed."""
     pytest.importorskip("pytorch_grad_cam")
     pytest.importorskip("saliency.core")
     pytest.importorskip("lime")
-    out = tmp_path / "smoke.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--json", str(out)],
+    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", *extra, "--json", str(out)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def test_smoke_run_writes_the_schema(tmp_path):
+    out = tmp_path / "smoke.json"
+    res = _smoke(out)
     assert "SMOKE, not a result" in res.stdout
     data = json.loads(out.read_text())
 
@@ -116,16 +122,8 @@ def test_smoke_run_writes_the_schema(tmp_path):
 
 
 def test_smoke_run_skips_what_the_budget_does_not_fit(tmp_path):
-    pytest.importorskip("pytorch_grad_cam")
-    pytest.importorskip("saliency.core")
-    pytest.importorskip("lime")
     out = tmp_path / "skip.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    res = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--budget-s", "0.5", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = _smoke(out, "--budget-s", "0.5")
     data = json.loads(out.read_text())
     assert data["rows"] == [] and data["projection"] == []
     assert len(data["skipped"]) == 2 * len(saliency.METHODS)
