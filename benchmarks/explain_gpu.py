@@ -788,13 +788,13 @@ def project(rows, model_names, precisions, methods) -> list[dict]:
                 "methods": sorted(got, key=METHODS.index),
                 "missing": [m for m in METHODS if m not in got],
                 "complete": all(m in got for m in METHODS),
-                "ours_h_per_dataset_model": round(ours, 4),
-                "reference_h_per_dataset_model": round(ref, 4) if refs else None,
+                "ours_h_per_dataset_model": round(ours, 6),
+                "reference_h_per_dataset_model": round(ref, 6) if refs else None,
                 "reference_methods": sorted((r["method"] for r in refs), key=METHODS.index),
-                "ours_h_grid": round(ours * grid, 3),
+                "ours_h_grid": round(ours * grid, 4),
                 "meets_30_min_per_dataset_model": ours <= TARGET_H_PER_DATASET_MODEL,
                 "meets_gpu_day_grid": ours * grid <= TARGET_H_GRID,
-                "reference_h_grid": round(ref * grid, 3) if refs else None,
+                "reference_h_grid": round(ref * grid, 4) if refs else None,
                 "grid": f"{PAPER_MODELS} models x {PAPER_DATASETS} datasets, every model "
                         f"costing what {name} costs",
             })
@@ -810,8 +810,8 @@ def grid_mean(projection: list[dict]) -> list[dict]:
             continue
         h = statistics.mean(p["ours_h_per_dataset_model"] for p in full)
         out.append({"precision": prec, "models": [p["model"] for p in full],
-                    "ours_h_per_dataset_model": round(h, 4),
-                    "ours_h_grid": round(h * PAPER_MODELS * PAPER_DATASETS, 3),
+                    "ours_h_per_dataset_model": round(h, 6),
+                    "ours_h_grid": round(h * PAPER_MODELS * PAPER_DATASETS, 4),
                     "meets_gpu_day_grid": h * PAPER_MODELS * PAPER_DATASETS <= TARGET_H_GRID})
     return out
 
