@@ -4,12 +4,14 @@ For images x with labels y, the unit computes the map of the model's prediction 
 every variant (each transform at each drawn magnitude, the random-init model, each
 intermediate checkpoint) the map of the class predicted on that variant, maps geometric ones
 back with the inverse transform, and scores SSIM and Spearman against the original map (over
-the valid mask). Tensors stay on the images' device until the records are built.
+the valid mask). The variants stream through in batches of ``batch_size`` images, so the
+unit's memory is bounded by its images and one batch, not by the number of variants; maps stay
+on the images' device and only scores (and the kept sample maps) leave it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,15 +66,50 @@ def _explain(
     settings: dict,
     batch_size: int,
     seed: int,
+    first: int = 0,
 ) -> torch.Tensor:
+    """Maps of `x` in saliency calls of `batch_size` images; a stochastic method's call k
+    (counted from `first`, so a stream of calls seeds as one long call would) gets its own
+    seed."""
     kwargs = dict(settings)
     stochastic = "seed" in saliency.defaults(method)
     out = []
-    for k, (xc, tc) in enumerate(zip(x.split(batch_size), targets.split(batch_size))):
+    for k, (xc, tc) in enumerate(zip(x.split(batch_size), targets.split(batch_size)), first):
         if stochastic:
             kwargs["seed"] = seed * 7919 + k
         out.append(saliency.explain(method, model, xc, tc, **kwargs))
     return torch.cat(out)
+
+
+def _variant_batches(
+    variants: list[tuple[str, torch.Tensor]],
+    images01: torch.Tensor,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int,
+) -> Iterator[tuple[list[tuple[int, int, int]], torch.Tensor]]:
+    """The transformed images of every (transform, magnitudes) variant, concatenated variant
+    after variant, in batches of `batch_size` rows: (pieces, normalised batch), where piece
+    (v, lo, hi) is images lo:hi of variant v. Each variant is transformed over all B images
+    at once; at most one variant and one batch are held at a time."""
+    B = images01.shape[0]
+    pieces: list[tuple[int, int, int]] = []
+    parts: list[torch.Tensor] = []
+    n = 0
+    for v, (name, mags) in enumerate(variants):
+        xv = normalize(T.apply(name, images01, mags))
+        lo = 0
+        while lo < B:
+            hi = min(B, lo + batch_size - n)
+            pieces.append((v, lo, hi))
+            parts.append(xv[lo:hi])
+            n += hi - lo
+            lo = hi
+            if n == batch_size:
+                yield pieces, torch.cat(parts)
+                pieces, parts, n = [], [], 0
+        del xv
+    if n:
+        yield pieces, torch.cat(parts)
 
 
 @P.flags("fp32")  # the maps' passes switch to the unit's precision inside
@@ -96,79 +133,110 @@ def explain_unit(
 ) -> UnitResult:
     """Per-pair records (REFERENCE.md, step 6) for `images01` ([B,C,H,W] in [0,1]).
 
+    ``batch_size`` bounds the images of one model or saliency call, and with B the unit's
+    memory: the transformed variants stream through in batches (transform, predict, map,
+    invert, score), and only the scores (and the maps of the first ``keep_samples`` images)
+    are kept. The batches, and so the numbers, are the same as for one call over all variants.
+
     ``precision`` (:mod:`cose.precision`): of the saliency passes; everything else
     (predictions, transforms, similarity) runs in fp32."""
     P.check(precision)
     settings = settings or {}
     checkpoints = checkpoints or {}
     B, _, H, W = images01.shape
+    dev = images01.device
+    keep = min(keep_samples, B)
     x = normalize(images01)
     pred = predict(model, x, batch_size)
 
-    def maps(m: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, salt: int):
+    def maps(m: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, salt: int, first=0):
         """Saliency maps of `m` at the unit's precision (predictions stay fp32)."""
         run = P.wrap(m, precision, method, inputs[:1])
         with P.flags(precision):
-            return _explain(method, run, inputs, targets, settings, batch_size, salt)
+            return _explain(method, run, inputs, targets, settings, batch_size, salt, first)
 
     map0 = maps(model, x, pred, seed)
-    labels = labels.to(images01.device)
+    labels = labels.to(dev)
 
-    # every variant: (type, magnitudes [B], maps [B,H,W] in the original frame, t_pred, mask)
-    variants: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-
-    # transforms: all variants of all images in one batch through the model
-    names: list[str] = []
-    mags: list[torch.Tensor] = []
+    # every variant: (type, magnitudes [B]); per variant and image: t_pred, SSIM, Spearman
+    variants: list[tuple[str, torch.Tensor]] = []
     for name in transforms:
-        m = draw_magnitudes(name, magnitudes, test_idx, seed, W).to(images01.device)
-        for j in range(m.shape[1]):
-            names.append(name)
-            mags.append(m[:, j])
-    if names:
-        xall = torch.cat([normalize(T.apply(n, images01, m)) for n, m in zip(names, mags)])
-        tpred_all = predict(model, xall, batch_size)
-        maps_all = maps(model, xall, tpred_all, seed + 1)
-        del xall
-        for k, (n, m) in enumerate(zip(names, mags)):
-            mv, tp = maps_all[k * B : (k + 1) * B], tpred_all[k * B : (k + 1) * B]
-            mask = None
-            if n in T.GEOMETRIC:
-                mv = T.invert(n, mv, m)
-                mask = T.valid_mask(n, m, H, W, images01.device)
-            variants.append((n, m, mv, tp, mask))
-
-    # model changes on the original images
-    zeros = torch.zeros(B, device=images01.device)
-    others = ([("random", random_model)] if random_model is not None else []) + list(
+        m = draw_magnitudes(name, magnitudes, test_idx, seed, W).to(dev)
+        variants += [(name, m[:, j]) for j in range(m.shape[1])]
+    models_ = ([("random", random_model)] if random_model is not None else []) + list(
         checkpoints.items()
     )
-    for k, (tag, vmodel) in enumerate(others):
+    zeros = torch.zeros(B, device=dev)
+    variants += [(tag, zeros) for tag, _ in models_]
+    n_tf = len(variants) - len(models_)
+    t_pred = torch.empty(len(variants), B, dtype=torch.long)
+    scores = np.empty((2, len(variants), B), dtype=np.float64)  # SSIM, Spearman
+    samples: list[list[torch.Tensor]] = [[] for _ in variants]
+
+    def score(pieces: list[tuple[int, int, int]], mv: torch.Tensor, tp: torch.Tensor) -> None:
+        """Record the pieces' predictions and their maps' similarity to the original's
+        (`mv`: their maps in the original frame, in piece order)."""
+        rows, off = [], 0
+        for v, lo, hi in pieces:
+            rows.append((v, lo, hi, off))
+            t_pred[v, lo:hi] = tp[off : off + hi - lo].cpu()
+            if lo < keep:
+                samples[v].append(mv[off : off + min(hi, keep) - lo].float().cpu())
+            off += hi - lo
+        for masked in (False, True):  # geometric variants compare over the valid mask
+            group = [r for r in rows if (variants[r[0]][0] in T.GEOMETRIC) == masked]
+            if not group:
+                continue
+            a = torch.cat([map0[lo:hi] for _, lo, hi, _ in group])
+            b = torch.cat([mv[o : o + hi - lo] for _, lo, hi, o in group])
+            mask = None
+            if masked:
+                mask = torch.cat(
+                    [T.valid_mask(variants[v][0], variants[v][1][lo:hi], H, W, dev)
+                     for v, lo, hi, _ in group]
+                )  # fmt: skip
+            s = similarity.ssim(a, b, mask).double().cpu().numpy()
+            r = similarity.spearman(a, b, mask).double().cpu().numpy()
+            i = 0
+            for v, lo, hi, _ in group:
+                scores[0, v, lo:hi] = s[i : i + hi - lo]
+                scores[1, v, lo:hi] = r[i : i + hi - lo]
+                i += hi - lo
+
+    # transforms: the variants of all images stream through the model in batches
+    for k, (pieces, xb) in enumerate(_variant_batches(variants[:n_tf], images01, normalize,
+                                                      batch_size)):
+        tp = predict(model, xb, batch_size)
+        mb = maps(model, xb, tp, seed + 1, first=k)
+        del xb
+        off, back = 0, []
+        for v, lo, hi in pieces:
+            name, mags = variants[v]
+            back.append(T.invert(name, mb[off : off + hi - lo], mags[lo:hi]))
+            off += hi - lo
+        score(pieces, torch.cat(back), tp)
+        del mb, back
+
+    # model changes on the original images
+    for k, (_, vmodel) in enumerate(models_):
         tp = predict(vmodel, x, batch_size)
-        mv = maps(vmodel, x, tp, seed + 2 + k)
-        variants.append((tag, zeros, mv, tp, None))
+        score([(n_tf + k, 0, B)], maps(vmodel, x, tp, seed + 2 + k), tp)
 
+    # records: unmasked variants (photometric, then model changes), then the geometric ones
+    order = [v for v in range(len(variants)) if variants[v][0] not in T.GEOMETRIC]
+    order += [v for v in range(len(variants)) if variants[v][0] in T.GEOMETRIC]
+    mags_cpu = torch.stack([m for _, m in variants]).cpu()
     cols: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
-    for masked in (False, True):
-        group = [v for v in variants if (v[4] is not None) == masked]
-        if not group:
-            continue
-        a = map0.repeat(len(group), 1, 1)
-        b = torch.cat([v[2] for v in group])
-        mask = torch.cat([v[4] for v in group]) if masked else None
-        s_all = similarity.ssim(a, b, mask).tolist()
-        r_all = similarity.spearman(a, b, mask).tolist()
-        for k, (n, m, _, tp, _) in enumerate(group):
-            cols["test_idx"] += list(map(int, test_idx))
-            cols["target_class"] += labels.tolist()
-            cols["pred_class"] += pred.tolist()
-            cols["transform_type"] += [n] * B
-            cols["transform_magnitude"] += m.tolist()
-            cols["t_pred_class"] += tp.tolist()
-            cols["ssim"] += s_all[k * B : (k + 1) * B]
-            cols["spearman"] += r_all[k * B : (k + 1) * B]
+    for v in order:
+        cols["test_idx"] += list(map(int, test_idx))
+        cols["target_class"] += labels.tolist()
+        cols["pred_class"] += pred.tolist()
+        cols["transform_type"] += [variants[v][0]] * B
+        cols["transform_magnitude"] += mags_cpu[v].tolist()
+        cols["t_pred_class"] += t_pred[v].tolist()
+        cols["ssim"] += scores[0, v].tolist()
+        cols["spearman"] += scores[1, v].tolist()
 
-    keep = min(keep_samples, B)
     pairs = pd.DataFrame(cols)
     pairs = pairs.astype(
         {
@@ -189,9 +257,9 @@ def explain_unit(
             "labels": labels[:keep].cpu().numpy(),
             "pred": pred[:keep].cpu().numpy(),
             "map": map0[:keep].float().cpu().numpy(),
-            "variant_names": np.asarray([v[0] for v in variants]),
-            "variant_magnitudes": np.stack([v[1][:keep].cpu().numpy() for v in variants]),
-            "variant_maps": np.stack([v[2][:keep].float().cpu().numpy() for v in variants]),
-            "variant_pred": np.stack([v[3][:keep].cpu().numpy() for v in variants]),
+            "variant_names": np.asarray([name for name, _ in variants]),
+            "variant_magnitudes": mags_cpu[:, :keep].numpy(),
+            "variant_maps": torch.stack([torch.cat(s) for s in samples]).numpy(),
+            "variant_pred": t_pred[:, :keep].numpy(),
         }
     return UnitResult(pairs=pairs, samples=out)

@@ -1,0 +1,154 @@
+"""cose.engine.explain_unit: every record is what the primitives give for its one image, the
+variants stream through in batches of `batch_size`, and the unit's memory does not grow with
+the number of variants."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from cose import models, saliency, similarity
+from cose import transforms as T
+from cose.engine import _variant_batches, draw_magnitudes, explain_unit
+
+TF = ("TranslateX", "Rotate", "FlipUD", "Brightness", "Equalize")
+
+
+def demo(seed: int) -> torch.nn.Module:
+    return models.create("demo_resnet", 10, seed=seed).eval()
+
+
+def norm(t: torch.Tensor) -> torch.Tensor:
+    return models.normalize(t, "demo_resnet")
+
+
+def images(n: int, px: int = 32) -> torch.Tensor:
+    return torch.rand(n, 3, px, px, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "ig"])
+def test_every_record_is_its_image_through_the_primitives(method):
+    """Batches of 3 over 5 images cut variants apart; each record must still be the image's
+    own transform, prediction, map, inverse and similarity (REFERENCE.md, step 6)."""
+    model, rnd, ckpt = demo(0), demo(1), demo(2)
+    x, idx = images(5), [40, 41, 42, 43, 44]
+    settings = {"steps": 4} if method == "ig" else {}
+    res = explain_unit(model, x, torch.arange(5), idx, method, norm, transforms=TF,
+                       magnitudes=2, seed=7, random_model=rnd, checkpoints={"mid": ckpt},
+                       settings=settings, batch_size=3, keep_samples=2)
+    pairs, samples = res.pairs, res.samples
+
+    per_image = 2 + 2 + 1 + 2 + 1 + 2  # signed x2, FlipUD, Equalize, random, mid
+    assert len(pairs) == 5 * per_image
+    assert not pairs.duplicated(["test_idx", "transform_type", "transform_magnitude"]).any()
+    geometric = pairs.transform_type.isin(T.GEOMETRIC).to_numpy()
+    first_geometric = int(np.argmax(geometric))
+    assert not geometric[:first_geometric].any() and geometric[first_geometric:].all()
+
+    def explain(m, xi, target):
+        return saliency.explain(method, m, xi, target, **settings)
+
+    with torch.no_grad():
+        pred = model(norm(x)).argmax(1)
+    map0 = torch.cat([explain(model, norm(x[i : i + 1]), pred[i : i + 1]) for i in range(5)])
+    mags = {n: draw_magnitudes(n, 2, idx, 7, 32) for n in TF}
+    names = list(samples["variant_names"])
+    for row in pairs.itertuples():
+        i = idx.index(row.test_idx)
+        assert row.pred_class == pred[i]
+        name, mag = row.transform_type, torch.tensor([row.transform_magnitude])
+        if name in TF:
+            assert row.transform_magnitude in mags[name][i].tolist()
+            m, xi = model, norm(T.apply(name, x[i : i + 1], mag))
+        else:
+            assert row.transform_magnitude == 0
+            m, xi = {"random": rnd, "mid": ckpt}[name], norm(x[i : i + 1])
+        with torch.no_grad():
+            tp = m(xi).argmax(1)
+        assert row.t_pred_class == tp.item(), row
+        mv = explain(m, xi, tp)
+        mask = None
+        if name in TF:
+            mv = T.invert(name, mv, mag)
+            mask = T.valid_mask(name, mag, 32, 32) if name in T.GEOMETRIC else None
+        a = map0[i : i + 1]
+        assert row.ssim == pytest.approx(similarity.ssim(a, mv, mask).item(), abs=1e-4), row
+        assert row.spearman == pytest.approx(similarity.spearman(a, mv, mask).item(), abs=1e-4)
+        if i < 2:  # the kept sample maps are the same maps, in the original frame
+            v = next(k for k, n in enumerate(names)
+                     if n == name and samples["variant_magnitudes"][k, i] == mag.item())
+            assert samples["variant_pred"][v, i] == tp.item()
+            np.testing.assert_allclose(samples["variant_maps"][v, i], mv[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(samples["map"], map0[:2].numpy(), atol=1e-4)
+    assert samples["variant_maps"].shape == (len(names), 2, 32, 32)
+
+
+def test_no_call_sees_more_than_batch_size_images():
+    model, ckpt = demo(0), demo(2)
+    seen: list[int] = []
+    for m in (model, ckpt):
+        m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    x = images(6)
+    res = explain_unit(model, x, torch.zeros(6, dtype=torch.long), list(range(6)), "gradcam",
+                       norm, magnitudes=3, checkpoints={"mid": ckpt}, batch_size=4)
+    variants = sum(1 if n not in T.SIGNED else 3 for n in T.TRANSFORMS) + 1
+    assert len(res.pairs) == 6 * variants
+    assert max(seen) == 4 and sum(seen) >= 2 * 6 * variants  # predictions + CAM passes
+
+
+def test_variant_batches_cover_every_image_once_in_order():
+    x = images(5, px=8)
+    variants = [("Brightness", torch.full((5,), 0.3)), ("FlipLR", torch.zeros(5)),
+                ("Rotate", torch.linspace(-20, 20, 5))]
+    whole = torch.cat([norm(T.apply(n, x, m)) for n, m in variants])
+    for bs in (1, 2, 4, 5, 7, 15, 100):
+        got = list(_variant_batches(variants, x, norm, bs))
+        sizes = [b.shape[0] for _, b in got]
+        assert all(s == bs for s in sizes[:-1]) and 0 < sizes[-1] <= bs
+        cover = [(v, i) for pieces, _ in got for v, lo, hi in pieces for i in range(lo, hi)]
+        assert cover == [(v, i) for v in range(3) for i in range(5)]
+        torch.testing.assert_close(torch.cat([b for _, b in got]), whole, rtol=0, atol=0)
+
+
+_PEAK = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    from cose import models
+    from cose.engine import explain_unit
+    torch.set_num_threads(1)
+    B = int(sys.argv[1])
+    m = models.create("demo_resnet", 10, seed=0).eval()
+    x = torch.rand(B, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    explain_unit(m, x, torch.zeros(B, dtype=torch.long), list(range(B)), "gradcam",
+                 lambda t: models.normalize(t, "demo_resnet"), magnitudes=12, batch_size=8)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"growth_bytes": (after - before) * 1024}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_variants():
+    """The 90 transform variants of 32 more images at 64 px take 141 MB as one tensor;
+    streamed in batches of 8, the unit's peak (RSS, fresh process) must grow by well under half
+    that: by what the unit holds per image (its transform's temporaries, ~30 MB here).
+    Concatenating every variant before the model calls, as the unit once did, grows it by more
+    than the tensor itself."""
+
+    def growth(b: int) -> int:
+        out = subprocess.run([sys.executable, "-c", _PEAK, str(b)], capture_output=True,
+                             text=True, check=True, timeout=300)
+        return json.loads(out.stdout.strip().splitlines()[-1])["growth_bytes"]
+
+    variants = sum(1 if n not in T.SIGNED else 12 for n in T.TRANSFORMS)
+    assert variants == 90
+    extra = variants * (40 - 8) * 3 * 64 * 64 * 4
+    small, large = growth(8), growth(40)
+    assert large - small < extra / 2, (small, large, extra)
