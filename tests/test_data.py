@@ -119,6 +119,29 @@ def test_load_split(digits_root):
     assert torch.equal(img, x[3]) and label == y[3]
 
 
+def test_explain_subset_decodes_only_its_images(digits_root, monkeypatch):
+    """The explain stage's images: the first explain.images of a seeded permutation of the
+    test split (REFERENCE.md step 1), decoded alone, not the whole split then indexed."""
+    from cose import config, models
+    from cose.data import image
+    from cose.stages import common
+
+    cfg = config.from_dict({"datasets": ["digits"], "models": ["demo_resnet"],
+                            "data": {"root": str(digits_root)},
+                            "explain": {"images": 7, "seed": 3}})
+    full_x, full_y = D.load_split("digits", digits_root, "test", models.preprocess("demo_resnet"))
+    assert D.split_size("digits", digits_root, "test") == len(full_y) == 359
+    order = torch.randperm(359, generator=torch.Generator().manual_seed(3))[:7]
+
+    decoded = []
+    real = image.load_image
+    monkeypatch.setattr(D, "load_image", lambda path, spec: decoded.append(path) or real(path,
+                                                                                       spec))
+    x, y, idx = common.explain_subset(cfg, "digits", "demo_resnet")
+    assert len(decoded) == 7 and idx == order.tolist()
+    assert torch.equal(x, full_x[order]) and torch.equal(y, full_y[order])
+
+
 def test_load_split_errors(digits_root, tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'mnist'.*digits"):
         D.load_split("mnist", digits_root, "test", SPEC32)

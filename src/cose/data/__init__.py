@@ -42,6 +42,7 @@ __all__ = [
     "read_classes",
     "read_rows",
     "sha256_file",
+    "split_size",
     "to_rgb",
 ]
 
@@ -132,6 +133,11 @@ def _select(folder: Path, split: str) -> list[dict[str, str]]:
         have = sorted({r["split"] for r in rows})
         raise ValueError(f"{folder}: no images in split {split!r}; available: {', '.join(have)}")
     return chosen
+
+
+def split_size(name: str, root: str | Path, split: str) -> int:
+    """Images in one split (from the manifest: nothing is decoded)."""
+    return len(_select(dataset_dir(name, root), split))
 
 
 def load_split(

@@ -74,11 +74,13 @@ def explain_subset(cfg: Config, dataset: str, model: str) -> tuple[torch.Tensor,
     """
     from cose import data, models
 
-    spec = models.preprocess(model)
-    images, labels = data.load_split(dataset, cfg.data.root, "test", spec)
+    n = data.split_size(dataset, cfg.data.root, "test")
     g = torch.Generator().manual_seed(cfg.explain.seed)
-    order = torch.randperm(len(labels), generator=g)[: cfg.explain.images]
-    return images[order], labels[order], order.tolist()
+    order = torch.randperm(n, generator=g)[: cfg.explain.images].tolist()
+    # only the chosen images are decoded (a test split at 224 px can be several GB)
+    images, labels = data.load_split(dataset, cfg.data.root, "test", models.preprocess(model),
+                                     indices=order)
+    return images, labels, order
 
 
 def device() -> torch.device:
