@@ -224,3 +224,49 @@ def test_explain_unit_on_cuda_matches_cpu(method, model_name, strict_fp32):
     assert par["pearson_min"] >= 0.99, par
     assert par["ssim_max_abs_diff"] <= 1e-3, par
     assert par["ssim_nan_on_one_side"] == 0, par
+
+
+# ----------------------------------------------------------------------------- (c) ViT-L memory
+
+_VIT_L: list[torch.nn.Module] = []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "method,settings", [("gradcam", {}), ("ig", {"steps": 1}), ("guided_ig", {"steps": 2})]
+)
+def test_vit_l16_unit_fits_an_80gb_card(method, settings, strict_fp32):
+    """The paper's unit on ViT-L/16 at 224 px: every variant (13 transforms x 6 magnitudes,
+    the random model, 10 checkpoints, all twelve models resident), the pipeline's unit batch
+    256 and the GPU saliency batch (64 inputs per pass). Fewer steps than the reference: the
+    peak is per pass and per image, not per step. It must stay well inside an 80 GB card.
+    With COSE_GPU_REPORT=<dir> the peak is written there (docs/gpu.md)."""
+    dev = torch.device("cuda")
+    if not _VIT_L:
+        _VIT_L.append(M.create("vit_l16", 1000, seed=0).to(dev))
+        _VIT_L.extend(copy.deepcopy(_VIT_L[0]) for _ in range(11))
+    model, rand, *ckpts = _VIT_L
+    g = torch.Generator(device=dev).manual_seed(0)
+    images = torch.rand(8, 3, 224, 224, device=dev, generator=g)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()
+    res = explain_unit(
+        model, images, torch.zeros(8, dtype=torch.long, device=dev), list(range(8)), method,
+        lambda t: M.normalize(t, "vit_l16"), random_model=rand,
+        checkpoints={f"mid_ckpt_e{i:03d}": m for i, m in enumerate(ckpts, 1)},
+        settings=settings, batch_size=256, keep_samples=2,
+    )
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    assert len(res.pairs) == 8 * 59  # 48 transform variants + random + 10 checkpoints
+    report = {"method": method, "settings": settings, "images": 8, "unit_batch_size": 256,
+              "saliency_batch_size": saliency.AUTO_BATCH_SIZE["other"],
+              "resident_gib": resident / 2**30, "peak_gib": peak / 2**30,
+              "card": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if os.environ.get("COSE_GPU_REPORT"):
+        out = Path(os.environ["COSE_GPU_REPORT"]) / f"vit_l16_memory_{method}.json"
+        out.write_text(json.dumps(report, indent=1))
+    assert peak < 72 * 2**30, report
