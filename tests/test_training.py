@@ -99,6 +99,42 @@ def test_dataset_input_matches_tensor_input(tmp_path):
     assert h1 == h2
 
 
+def test_large_splits_are_read_lazily_with_the_same_batches(tmp_path, monkeypatch):
+    """The train stage holds a split in memory only below IN_MEMORY_BYTES (CIFAR-10 at 224 px
+    would be 30 GB); above it, a lazily decoded Dataset gives the same images, subset and
+    training run."""
+    import cose.data as D
+    from cose import config
+    from cose.stages import train as S
+
+    D.fetch("digits", tmp_path / "data")
+    cfg = config.from_dict({"datasets": ["digits"], "seed": 4,
+                            "data": {"root": str(tmp_path / "data")}})
+    spec = M.preprocess("demo_resnet")
+    x, y = S.load_training_split(cfg, "digits", "train", spec, keep=40)
+    assert isinstance(x, torch.Tensor) and x.shape == (40, 3, 32, 32)
+    full_x, full_y = D.load_split("digits", tmp_path / "data", "train", spec)
+    keep = torch.randperm(len(full_y), generator=torch.Generator().manual_seed(4))[:40]
+    assert torch.equal(x, full_x[keep]) and torch.equal(y, full_y[keep])
+
+    monkeypatch.setattr(S, "IN_MEMORY_BYTES", x.numel() * 4 - 1)
+    ds, labels = S.load_training_split(cfg, "digits", "train", spec, keep=40)
+    assert labels is None and isinstance(ds, torch.utils.data.Dataset) and len(ds) == 40
+    for i in (0, 17, 39):
+        img, label = ds[i]
+        assert torch.equal(img, x[i]) and label == y[i]
+    test, labels = S.load_training_split(cfg, "digits", "test", spec)
+    assert labels is None and len(test) == 359
+
+    cfg_t = T.TrainConfig(epochs=1, batch_size=16)
+    norm = lambda t: M.normalize(t, "demo_resnet")  # noqa: E731
+    h1 = T.fit(M.create("demo_resnet", 10, seed=1), x, y, x, y, cfg_t, tmp_path / "m",
+               seed=0, normalize_fn=norm)
+    h2 = T.fit(M.create("demo_resnet", 10, seed=1), ds, None, ds, None, cfg_t, tmp_path / "l",
+               seed=0, normalize_fn=norm)
+    assert h1 == h2
+
+
 def test_config_checks_and_from_config():
     with pytest.raises(ValueError, match="train.lr"):
         T.TrainConfig(lr=0)

@@ -20,18 +20,37 @@ from cose.tracking import Journal
 log = logging.getLogger("cose.train")
 
 
+#: a split whose decoded images would take more than this is read lazily, batch by batch
+#: (DataLoader workers: train.num_workers), instead of decoded into memory up front: CIFAR-10's
+#: 50,000 training images at 224 px are 30 GB of float32. Both give the same batches.
+IN_MEMORY_BYTES = 2 * 2**30
+
+
+def load_training_split(
+    cfg: Config, dataset: str, split: str, spec, keep: int | None = None
+) -> tuple[torch.Tensor | torch.utils.data.Dataset, torch.Tensor | None]:
+    """(images, labels) of a split for `training.fit`: tensors when they fit IN_MEMORY_BYTES,
+    else (a lazily decoded Dataset, None). `keep`: a seeded random subset of that many."""
+    from cose import data
+
+    n = data.split_size(dataset, cfg.data.root, split)
+    idx = None
+    if keep is not None:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:keep].tolist()
+    if len(idx if idx is not None else range(n)) * 3 * spec.crop**2 * 4 <= IN_MEMORY_BYTES:
+        return data.load_split(dataset, cfg.data.root, split, spec, indices=idx)
+    ds = data.ManifestDataset(dataset, cfg.data.root, split, spec)
+    return (ds if idx is None else torch.utils.data.Subset(ds, idx)), None
+
+
 def train_one(cfg: Config, dataset: str, model_name: str, journal: Journal) -> dict:
-    from cose import data, training
+    from cose import training
 
     dev = common.device()
     nc = common.num_classes(cfg, dataset)
     spec = models.preprocess(model_name)
-    tr_x, tr_y = data.load_split(dataset, cfg.data.root, "train", spec)
-    te_x, te_y = data.load_split(dataset, cfg.data.root, "test", spec)
-    if cfg.train.max_train_images is not None:
-        g = torch.Generator().manual_seed(cfg.seed)
-        keep = torch.randperm(len(tr_y), generator=g)[: cfg.train.max_train_images]
-        tr_x, tr_y = tr_x[keep], tr_y[keep]
+    tr_x, tr_y = load_training_split(cfg, dataset, "train", spec, cfg.train.max_train_images)
+    te_x, te_y = load_training_split(cfg, dataset, "test", spec)
     out = common.ckpt_dir(dataset, model_name)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -43,7 +62,7 @@ def train_one(cfg: Config, dataset: str, model_name: str, journal: Journal) -> d
     model = models.create(model_name, nc, weights=weights, seed=cfg.seed, head=head).to(dev)
     run = journal.run(f"{dataset}/{model_name}", f"train {dataset}/{model_name}")
     run.log_params({"dataset": dataset, "model": model_name, "num_classes": nc,
-                    "train_images": len(tr_y), "test_images": len(te_y), "device": str(dev),
+                    "train_images": len(tr_x), "test_images": len(te_x), "device": str(dev),
                     "weights": weights or "random-init"})
     run.log_params(cfg.to_dict()["train"], prefix="train.")
 
