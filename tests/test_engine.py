@@ -152,3 +152,15 @@ def test_peak_memory_does_not_grow_with_the_variants():
     extra = variants * (40 - 8) * 3 * 64 * 64 * 4
     small, large = growth(8), growth(40)
     assert large - small < extra / 2, (small, large, extra)
+
+
+def test_units_with_few_or_no_variants():
+    model, x, y = demo(0), images(2), torch.zeros(2, dtype=torch.long)
+    only_random = explain_unit(model, x, y, [0, 1], "gradcam", norm, transforms=(),
+                               random_model=demo(1), keep_samples=2)
+    assert list(only_random.pairs.transform_type) == ["random", "random"]
+    assert only_random.samples["variant_maps"].shape == (1, 2, 32, 32)
+    nothing = explain_unit(model, x, y, [0, 1], "gradcam", norm, transforms=(), keep_samples=1)
+    assert nothing.pairs.empty and list(nothing.pairs.columns) == list(only_random.pairs.columns)
+    assert nothing.samples["variant_maps"].shape == (0, 1, 32, 32)
+    assert nothing.samples["map"].shape == (1, 32, 32)

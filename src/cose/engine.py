@@ -177,9 +177,10 @@ def explain_unit(
         """Record the pieces' predictions and their maps' similarity to the original's
         (`mv`: their maps in the original frame, in piece order)."""
         rows, off = [], 0
+        tp = tp.cpu()
         for v, lo, hi in pieces:
             rows.append((v, lo, hi, off))
-            t_pred[v, lo:hi] = tp[off : off + hi - lo].cpu()
+            t_pred[v, lo:hi] = tp[off : off + hi - lo]
             if lo < keep:
                 samples[v].append(mv[off : off + min(hi, keep) - lo].float().cpu())
             off += hi - lo
@@ -225,7 +226,7 @@ def explain_unit(
     # records: unmasked variants (photometric, then model changes), then the geometric ones
     order = [v for v in range(len(variants)) if variants[v][0] not in T.GEOMETRIC]
     order += [v for v in range(len(variants)) if variants[v][0] in T.GEOMETRIC]
-    mags_cpu = torch.stack([m for _, m in variants]).cpu()
+    mags_cpu = torch.stack([m for _, m in variants]).cpu() if variants else torch.zeros(0, B)
     cols: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
     for v in order:
         cols["test_idx"] += list(map(int, test_idx))
@@ -259,7 +260,8 @@ def explain_unit(
             "map": map0[:keep].float().cpu().numpy(),
             "variant_names": np.asarray([name for name, _ in variants]),
             "variant_magnitudes": mags_cpu[:, :keep].numpy(),
-            "variant_maps": torch.stack([torch.cat(s) for s in samples]).numpy(),
+            "variant_maps": np.stack([torch.cat(s).numpy() for s in samples])
+            if variants else np.zeros((0, keep, H, W), dtype=np.float32),
             "variant_pred": t_pred[:, :keep].numpy(),
         }
     return UnitResult(pairs=pairs, samples=out)
