@@ -602,11 +602,13 @@ def main(argv: list[str] | None = None) -> int:
             "notes": notes,
             "complete": complete,
         }
+        recs = recommendations(rows, model_names, precisions)
         return {
             "schema": SCHEMA, "meta": meta, "limits": list(limits.values()), "rows": rows,
             "skipped": skipped, "projection": project(rows, model_names, precisions, methods),
             "grid_mean_of_models": grid_mean(project(rows, model_names, precisions, methods)),
-            "recommendations": recommendations(rows, model_names, precisions),
+            "recommendations": recs,
+            "validated": validated(recs),
         }
 
     # ---- items
@@ -834,6 +836,17 @@ def recommendations(rows, model_names, precisions) -> list[dict]:
     return out
 
 
+def validated(recs: list[dict]) -> list[list[str]]:
+    """[precision, method] pairs recommended on every model measured at that precision: the
+    candidates for `cose.precision.VALIDATED` (one card; a rerun on the other kind may differ)."""
+    out = []
+    for prec in dict.fromkeys(r["precision"] for r in recs):
+        per_model = [set(r["recommended_for"]) for r in recs if r["precision"] == prec]
+        both = set.intersection(*per_model)
+        out += [[prec, m] for m in METHODS if m in both]
+    return out
+
+
 def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -877,6 +890,8 @@ def print_tables(result: dict) -> None:
     for rec in result["recommendations"]:
         print(f"{rec['model']} {rec['precision']}: Pearson >= 0.99 on every map for "
               f"{', '.join(rec['recommended_for']) or 'no method'}")
+    pairs = ", ".join(f"({p!r}, {m!r})" for p, m in result.get("validated", []))
+    print(f"cose.precision.VALIDATED candidates (every measured model): {{{pairs}}}")
     print(f"elapsed {meta['elapsed_s']:.1f} s of a {meta['budget_s']:.0f} s budget"
           + (" (OVER BUDGET)" if meta["over_budget"] else ""))
 

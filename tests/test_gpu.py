@@ -119,6 +119,9 @@ def test_smoke_run_writes_the_schema(tmp_path):
         assert p["ours_h_grid"] == pytest.approx(65 * p["ours_h_per_dataset_model"], rel=1e-3)
     assert [g["precision"] for g in data["grid_mean_of_models"]] == ["fp32", "bf16"]
     assert [r["precision"] for r in data["recommendations"]] == ["bf16"]
+    recommended = data["recommendations"][0]["recommended_for"]
+    assert data["validated"] == [["bf16", m] for m in recommended]  # one model: the same
+    assert "cose.precision.VALIDATED candidates" in res.stdout
 
 
 def test_smoke_run_skips_what_the_budget_does_not_fit(tmp_path):
@@ -139,6 +142,15 @@ def test_passes_per_map_match_the_reference_count():
     import cose.transforms as T
 
     assert bench.maps_per_image(T.TRANSFORMS, 6, 10) == 60  # the paper's ~60 maps per image
+
+
+def test_validated_pairs_need_every_measured_model():
+    bench = _bench()
+    recs = [{"model": "a", "precision": "bf16", "recommended_for": ["smoothgrad", "lime"]},
+            {"model": "b", "precision": "bf16", "recommended_for": ["ig", "lime"]},
+            {"model": "a", "precision": "tf32", "recommended_for": ["gradcam", "ig"]}]
+    assert bench.validated(recs) == [["bf16", "lime"], ["tf32", "gradcam"], ["tf32", "ig"]]
+    assert bench.validated([]) == []
 
 
 def test_compare_units_finds_identical_runs_identical():

@@ -4,6 +4,8 @@ benchmarks/explain_gpu.py and tests/test_gpu.py on a device)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -106,8 +108,11 @@ def test_evaluate_precision():
     labels = torch.zeros(2, dtype=torch.long)
     common = dict(methods="gradcam", transforms=["FlipLR"], normalize="demo_resnet",
                   progress=False)  # fmt: skip
-    a = cose.evaluate(model, x, labels, **common)
-    b = cose.evaluate(model, x, labels, precision="bf16", **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fp32 is the reference: no warning
+        a = cose.evaluate(model, x, labels, **common)
+    with pytest.warns(UserWarning, match="precision bf16: not validated for gradcam"):
+        b = cose.evaluate(model, x, labels, precision="bf16", **common)
     assert a.pairs[["test_idx", "pred_class", "t_pred_class"]].equals(
         b.pairs[["test_idx", "pred_class", "t_pred_class"]]
     )
@@ -123,3 +128,19 @@ def test_config_precision():
     assert cfg.explain.precision == "bf16"
     with pytest.raises(config.ConfigError, match="explain.precision: got 'fp16'; allowed"):
         config.load(root, ["explain.precision=fp16"])
+
+
+def test_unvalidated_modes_are_named(monkeypatch):
+    """tf32/bf16 count as validated for a method only once a device check has measured its
+    maps within Pearson 0.99 of fp32 (P.VALIDATED); until then every such run says so."""
+    methods = ["gradcam", "ig", "smoothgrad"]
+    assert P.unvalidated("fp32", methods) == [] and P.warning("fp32", methods) is None
+    assert P.unvalidated("bf16", methods) == methods
+    monkeypatch.setattr(P, "VALIDATED", frozenset({("bf16", "smoothgrad"), ("tf32", "ig")}))
+    assert P.unvalidated("bf16", methods) == ["gradcam", "ig"]
+    assert P.unvalidated("tf32", methods) == ["gradcam", "smoothgrad"]
+    assert P.warning("bf16", ["smoothgrad"]) is None
+    assert P.warning("tf32", methods).startswith("precision tf32: not validated for gradcam, "
+                                                 "smoothgrad (maps may differ")
+    with pytest.raises(ValueError, match="allowed: fp32, tf32, bf16"):
+        P.unvalidated("fp16", methods)

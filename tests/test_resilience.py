@@ -342,6 +342,7 @@ def test_tracking_outage_finishes_then_cose_log_replays_once(reference, tmp_path
         assert set(names) == {"explain"} | {f"explain digits/demo_resnet/{m}" for m in METHODS}
         root = names.pop("explain")
         assert root.data.tags["cose.backend"] == "local"
+        assert root.data.tags["cose.precision_unvalidated"] == "none"  # fp32
         for run in names.values():
             assert run.data.tags["mlflow.parentRunId"] == root.info.run_id
             assert run.data.tags["cose.complete"] == "1"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,7 +278,8 @@ def evaluate(
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     method_list = _methods(methods)
-    P.check(precision)
+    if note := P.warning(precision, method_list):
+        warnings.warn(note, UserWarning, stacklevel=2)
     tf = _transforms(transforms)
     norm = _normalizer(normalize)
     ckpts = _checkpoints(checkpoints)

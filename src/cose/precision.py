@@ -26,16 +26,41 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "Autocast", "check", "flags", "wrap"]
+__all__ = [
+    "PRECISIONS", "VALIDATED", "Autocast", "check", "flags", "unvalidated", "warning", "wrap",
+]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 CAM_METHODS = ("gradcam", "gradcampp")
+
+#: (precision, method) pairs measured on a GPU to keep every map within Pearson 0.99 of fp32
+#: (`benchmarks/explain_gpu.py`'s recommendations, docs/gpu.md). Empty until a device check has
+#: measured them: every tf32/bf16 run is then reported as unvalidated.
+VALIDATED: frozenset[tuple[str, str]] = frozenset()
 
 
 def check(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision: got {precision!r}; allowed: {', '.join(PRECISIONS)}")
     return precision
+
+
+def unvalidated(precision: str, methods) -> list[str]:
+    """The methods whose maps ``precision`` has not been shown to keep within Pearson 0.99 of
+    fp32 (none for fp32 itself)."""
+    check(precision)
+    if precision == "fp32":
+        return []
+    return [m for m in methods if (precision, m) not in VALIDATED]
+
+
+def warning(precision: str, methods) -> str | None:
+    """One line for the unvalidated methods of a run at ``precision``, or None."""
+    bad = unvalidated(precision, methods)
+    if not bad:
+        return None
+    return (f"precision {precision}: not validated for {', '.join(bad)} (maps may differ from "
+            f"fp32 beyond Pearson 0.99; docs/gpu.md); use fp32 for results to report")
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cose import precision
 from cose.config import Config, from_dict
 from cose.io import atomic_write_bytes, atomic_write_text, sha256_file
 from cose.stages import common
@@ -267,6 +268,8 @@ def run(cfg: Config, backend: str | None = None) -> None:
     from cose import backends, scoring
 
     journal = Journal.for_config("explain", cfg)  # tracking.required: checks MLflow first
+    if note := precision.warning(cfg.explain.precision, cfg.methods):
+        log.warning("explain: %s", note)
     units = plan(cfg)
     _prune(units)
     todo = [u for u in units if not shard_ok(u)]
@@ -299,7 +302,11 @@ def run(cfg: Config, backend: str | None = None) -> None:
     tables = merge(cfg, units)
 
     journal.root_run.log_params(cfg.to_dict()["explain"], prefix="explain.")
-    journal.root_run.set_tags({"cose.backend": executor.name})
+    journal.root_run.set_tags({
+        "cose.backend": executor.name,
+        "cose.precision_unvalidated": ",".join(precision.unvalidated(cfg.explain.precision,
+                                                                     cfg.methods)) or "none",
+    })
     for (dataset, model, method), df in tables.items():
         run_ = journal.run(f"{dataset}/{model}/{method}", f"explain {dataset}/{model}/{method}")
         run_.log_params({"dataset": dataset, "model": model, "saliency_method": method})
