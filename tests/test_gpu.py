@@ -149,8 +149,10 @@ def test_validated_pairs_need_every_measured_model():
     recs = [{"model": "a", "precision": "bf16", "recommended_for": ["smoothgrad", "lime"]},
             {"model": "b", "precision": "bf16", "recommended_for": ["ig", "lime"]},
             {"model": "a", "precision": "tf32", "recommended_for": ["gradcam", "ig"]}]
-    assert bench.validated(recs) == [["bf16", "lime"], ["tf32", "gradcam"], ["tf32", "ig"]]
-    assert bench.validated([]) == []
+    assert bench.validated(recs, ["a", "b"]) == [["bf16", "lime"]]  # tf32: b not measured
+    assert bench.validated(recs, ["a"]) == [["bf16", "smoothgrad"], ["bf16", "lime"],
+                                            ["tf32", "gradcam"], ["tf32", "ig"]]
+    assert bench.validated([], ["a"]) == []
 
 
 def test_compare_units_finds_identical_runs_identical():
