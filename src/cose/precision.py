@@ -99,23 +99,17 @@ class Autocast(nn.Module):
         return out.float()
 
 
-def _device_type(model: nn.Module, example: torch.Tensor | None) -> str:
-    for p in model.parameters():
-        return p.device.type
-    return example.device.type if example is not None else "cpu"
-
-
 def wrap(model: nn.Module, precision: str, method: str, example: torch.Tensor | None = None):
     """``model`` as the saliency passes of ``method`` run it at ``precision``: itself for fp32
-    and tf32 (the flags do the rest), an :class:`Autocast` wrapper for bf16, around the
-    conv+BN-folded copy for non-CAM methods (``example``: one model input, to check the
-    folding)."""
+    and tf32 (the flags do the rest), an :class:`Autocast` wrapper for bf16, around the module
+    those passes call (``saliency.passes_model``: the conv+BN-folded copy for non-CAM methods;
+    ``example``: one model input, to check the folding)."""
     check(precision)
     if precision != "bf16":
         return model
-    inner = model
-    if method not in CAM_METHODS and example is not None:
-        from cose.saliency import _core
+    from cose import saliency
+    from cose.saliency import _core
 
-        inner = _core.fast_model(model, example)
-    return Autocast(inner, _device_type(model, example)).eval()
+    inner = saliency.passes_model(method, model, example) if example is not None else model
+    fallback = example.device if example is not None else torch.device("cpu")
+    return Autocast(inner, _core.model_device(model, fallback).type).eval()

@@ -19,7 +19,9 @@ from torch import nn
 
 from cose.saliency import _core, blur_ig, gradcam, gradcampp, guided_ig, ig, lime, smoothgrad
 
-__all__ = ["METHODS", "Method", "defaults", "explain", "get", "register", "registered"]
+__all__ = [
+    "METHODS", "Method", "defaults", "explain", "get", "passes_model", "register", "registered",
+]
 
 METHODS = ("gradcam", "gradcampp", "ig", "smoothgrad", "blur_ig", "guided_ig", "lime")
 
@@ -112,6 +114,13 @@ register(
 # copy of it (`_core.fast_model`); the CAMs hook the caller's own modules
 _FUSABLE = frozenset({"ig", "smoothgrad", "blur_ig", "guided_ig", "lime"})
 
+
+def passes_model(method: str, model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The module `method`'s passes call: the cached conv+BN-folded copy of `model` for the
+    methods that only call it, `model` itself for the CAMs and any registered method
+    (`example`: one model input, to check the folding)."""
+    return _core.fast_model(model, example) if method in _FUSABLE else model
+
 _POSITIVE_INT = ("steps", "samples", "num_features", "batch_size")
 _NON_NEGATIVE = ("noise", "max_sigma", "max_dist", "fraction")
 
@@ -166,6 +175,6 @@ def explain(
     if params.get("batch_size", 0) is None:
         params["batch_size"] = AUTO_BATCH_SIZE.get(dev.type, AUTO_BATCH_SIZE["other"])
     with _core.guarded(model):
-        run = _core.fast_model(model, x) if method in _FUSABLE else model
+        run = passes_model(method, model, x)
         maps = spec.fn(run, x, t, max_target, **params)
     return maps.to(device=images.device, dtype=torch.float32)
