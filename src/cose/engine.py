@@ -169,27 +169,31 @@ def explain_unit(
     zeros = torch.zeros(B, device=dev)
     variants += [(tag, zeros) for tag, _ in models_]
     n_tf = len(variants) - len(models_)
+    geometric = [name in T.GEOMETRIC for name, _ in variants]
     t_pred = torch.empty(len(variants), B, dtype=torch.long)
     scores = np.empty((2, len(variants), B), dtype=np.float64)  # SSIM, Spearman
     samples: list[list[torch.Tensor]] = [[] for _ in variants]
 
     def score(pieces: list[tuple[int, int, int]], mv: torch.Tensor, tp: torch.Tensor) -> None:
         """Record the pieces' predictions and their maps' similarity to the original's
-        (`mv`: their maps in the original frame, in piece order)."""
+        (`mv`: their maps in piece order; geometric ones are mapped back here)."""
         rows, off = [], 0
         tp = tp.cpu()
         for v, lo, hi in pieces:
-            rows.append((v, lo, hi, off))
+            m = mv[off : off + hi - lo]
+            if geometric[v]:
+                m = T.invert(variants[v][0], m, variants[v][1][lo:hi])
+            rows.append((v, lo, hi, m))
             t_pred[v, lo:hi] = tp[off : off + hi - lo]
             if lo < keep:
-                samples[v].append(mv[off : off + min(hi, keep) - lo].float().cpu())
+                samples[v].append(m[: min(hi, keep) - lo].float().cpu())
             off += hi - lo
         for masked in (False, True):  # geometric variants compare over the valid mask
-            group = [r for r in rows if (variants[r[0]][0] in T.GEOMETRIC) == masked]
+            group = [r for r in rows if geometric[r[0]] == masked]
             if not group:
                 continue
             a = torch.cat([map0[lo:hi] for _, lo, hi, _ in group])
-            b = torch.cat([mv[o : o + hi - lo] for _, lo, hi, o in group])
+            b = torch.cat([m for *_, m in group])
             mask = None
             if masked:
                 mask = torch.cat(
@@ -209,14 +213,8 @@ def explain_unit(
                                                       batch_size)):
         tp = predict(model, xb, batch_size)
         mb = maps(model, xb, tp, seed + 1, first=k)
-        del xb
-        off, back = 0, []
-        for v, lo, hi in pieces:
-            name, mags = variants[v]
-            back.append(T.invert(name, mb[off : off + hi - lo], mags[lo:hi]))
-            off += hi - lo
-        score(pieces, torch.cat(back), tp)
-        del mb, back
+        del xb  # the batch's images are not needed for scoring
+        score(pieces, mb, tp)
 
     # model changes on the original images
     for k, (_, vmodel) in enumerate(models_):
@@ -224,8 +222,8 @@ def explain_unit(
         score([(n_tf + k, 0, B)], maps(vmodel, x, tp, seed + 2 + k), tp)
 
     # records: unmasked variants (photometric, then model changes), then the geometric ones
-    order = [v for v in range(len(variants)) if variants[v][0] not in T.GEOMETRIC]
-    order += [v for v in range(len(variants)) if variants[v][0] in T.GEOMETRIC]
+    order = [v for v in range(len(variants)) if not geometric[v]]
+    order += [v for v in range(len(variants)) if geometric[v]]
     mags_cpu = torch.stack([m for _, m in variants]).cpu() if variants else torch.zeros(0, B)
     cols: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
     for v in order:
