@@ -37,7 +37,8 @@ def load_training_split(
     idx = None
     if keep is not None:
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:keep].tolist()
-    if len(idx if idx is not None else range(n)) * 3 * spec.crop**2 * 4 <= IN_MEMORY_BYTES:
+    count = n if idx is None else len(idx)
+    if count * 3 * spec.crop**2 * 4 <= IN_MEMORY_BYTES:  # decoded float32 [count,3,crop,crop]
         return data.load_split(dataset, cfg.data.root, split, spec, indices=idx)
     ds = data.ManifestDataset(dataset, cfg.data.root, split, spec)
     return (ds if idx is None else torch.utils.data.Subset(ds, idx)), None
