@@ -24,8 +24,9 @@ What it measures, per (model, method, precision), in one run (docs/gpu.md):
 - precisions: cose.precision, as explain.precision runs them: fp32 (TF32 off for matmul and
   cuDNN), tf32 (both on), bf16 (torch.autocast around the model forward through a wrapper
   that returns float32 logits; the wrapper sits around the conv+BN-folded copy for the
-  non-CAM methods); class predictions are fp32 at every precision. Each non-fp32 precision is compared with the fp32 run of the same images: Pearson per
-  map (maps whose class agrees), per-pair |SSIM difference|; >= 0.99 on every map to recommend.
+  non-CAM methods); class predictions are fp32 at every precision. Each non-fp32 precision is
+  compared with the fp32 run of the same images: Pearson per map (maps whose class agrees),
+  per-pair |SSIM difference|; >= 0.99 on every map to recommend.
 
 The budget (--budget-s) is shared out ahead: every (method, model) item is predicted from the
 measured limits (and, as the run goes, from what the finished items took); an item gets at
