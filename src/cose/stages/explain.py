@@ -30,7 +30,7 @@ import torch
 
 from cose import precision
 from cose.config import Config, from_dict
-from cose.io import atomic_write_bytes, atomic_write_text, sha256_file
+from cose.io import atomic_write_bytes, atomic_write_text, sha256_file, sha256_file_cached
 from cose.stages import common
 from cose.tracking import Journal
 
@@ -74,7 +74,7 @@ def checkpoint_hash(dataset: str, model: str) -> str:
         if f.name == "last.pt":  # resume state, not part of the result
             continue
         h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
+        h.update(sha256_file_cached(f).encode())  # read once per file version and process
     return h.hexdigest()[:16]
 
 
