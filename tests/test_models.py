@@ -158,6 +158,87 @@ def test_cose_checkpoint_roundtrip_and_mismatch(tmp_path):
         M.create("demo_convnext", 4, weights=tmp_path / "missing.pt")
 
 
+def _all_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and every buffer, the non-persistent ones (no state dict has) included."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("name,head", [("demo_swin", "linear"), ("demo_vit", "mlp"),
+                                       ("demo_resnet", "linear"), ("demo_convnext", "mlp")])
+def test_load_checkpoints_gives_the_models_create_gives(tmp_path, name, head):
+    paths = []
+    for seed in range(3):
+        path = tmp_path / f"{seed}.pt"
+        torch.save(M.cose_checkpoint(M.create(name, 5, seed=seed, head=head)), path)
+        paths.append(path)
+    got = M.load_checkpoints(name, 5, paths)
+    x = torch.rand(2, 3, 32, 32)
+    for path, model in zip(paths, got):
+        want = M.create(name, 5, weights=path)
+        a, b = _all_tensors(want), _all_tensors(model)
+        assert list(a) == list(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype, k
+            assert a[k].requires_grad == b[k].requires_grad, k
+        assert not model.training and model.cose_meta == want.cose_meta
+        assert torch.equal(model(x), want(x))
+    # the copies share no tensor with the first model or with each other
+    first = got[0].state_dict()
+    for model in got[1:]:
+        for k, v in model.state_dict().items():
+            assert v.data_ptr() != first[k].data_ptr() or v.numel() == 0, k
+    with torch.no_grad():
+        next(got[1].parameters()).add_(1.0)
+    assert torch.equal(next(got[2].parameters()),
+                       next(M.create(name, 5, weights=paths[2]).parameters()))
+    assert M.load_checkpoints(name, 5, []) == []
+
+
+def test_load_checkpoints_checks_every_file(tmp_path):
+    ok = tmp_path / "ok.pt"
+    torch.save(M.cose_checkpoint(M.create("demo_resnet", 4, seed=0)), ok)
+    other_arch = tmp_path / "vit.pt"
+    torch.save(M.cose_checkpoint(M.create("demo_vit", 4, seed=0)), other_arch)
+    other_head = tmp_path / "mlp.pt"
+    torch.save(M.cose_checkpoint(M.create("demo_resnet", 4, seed=0, head="mlp")), other_head)
+    other_classes = tmp_path / "c5.pt"
+    torch.save(M.cose_checkpoint(M.create("demo_resnet", 5, seed=0)), other_classes)
+    plain = tmp_path / "plain.pt"
+    torch.save(M.create("demo_resnet", 4, seed=0).state_dict(), plain)
+    with pytest.raises(ValueError, match=r"vit\.pt.*architecture"):
+        M.load_checkpoints("demo_resnet", 4, [ok, other_arch])
+    with pytest.raises(ValueError, match=r"mlp\.pt.*head"):
+        M.load_checkpoints("demo_resnet", 4, [ok, other_head])
+    with pytest.raises(ValueError, match=r"c5\.pt.*5 classes"):
+        M.load_checkpoints("demo_resnet", 4, [ok, other_classes])
+    with pytest.raises(ValueError, match=r"c5\.pt.*5 classes"):
+        M.load_checkpoints("demo_resnet", 4, [other_classes, ok])
+    for paths in ([ok, plain], [plain, ok]):
+        with pytest.raises(ValueError, match=r"plain\.pt: not a COSE checkpoint"):
+            M.load_checkpoints("demo_resnet", 4, paths)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        M.load_checkpoints("demo_resnet", 4, [ok, tmp_path / "missing.pt"])
+    # a checkpoint whose state lacks a key is refused, not left half on the meta device
+    sd = M.cose_checkpoint(M.create("demo_resnet", 4, seed=1))
+    sd["state_dict"].pop(next(iter(sd["state_dict"])))
+    torch.save(sd, tmp_path / "short.pt")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        M.load_checkpoints("demo_resnet", 4, [ok, tmp_path / "short.pt"])
+
+
+def test_load_checkpoints_casts_to_the_models_dtypes(tmp_path):
+    """A half-precision checkpoint loads as create() loads it: into float32 tensors."""
+    ckpt = M.cose_checkpoint(M.create("demo_vit", 3, seed=1))
+    ckpt["state_dict"] = {k: v.half() if v.is_floating_point() else v
+                          for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, tmp_path / "half.pt")
+    torch.save(M.cose_checkpoint(M.create("demo_vit", 3, seed=0)), tmp_path / "a.pt")
+    got = M.load_checkpoints("demo_vit", 3, [tmp_path / "a.pt", tmp_path / "half.pt"])[1]
+    want = M.create("demo_vit", 3, weights=tmp_path / "half.pt")
+    for k, v in want.state_dict().items():
+        assert v.dtype == got.state_dict()[k].dtype and torch.equal(v, got.state_dict()[k]), k
+
+
 def test_weights_only_refuses_pickled_objects(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "args": _Opaque()}, path)

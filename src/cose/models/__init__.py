@@ -10,7 +10,13 @@ from cose.data.image import PreprocessSpec
 from .cam import NHWCToNCHW, TokenReshape, cam_layer
 from .heads import HEADS, MLPHead, head_module, set_head
 from .registry import DEMO_MODELS, REGISTRY, ModelSpec, create, get, names, normalize, preprocess
-from .weights import cose_checkpoint, load_checkpoint, load_pretrained, read_checkpoint
+from .weights import (
+    cose_checkpoint,
+    load_checkpoint,
+    load_checkpoints,
+    load_pretrained,
+    read_checkpoint,
+)
 
 __all__ = [
     "DEMO_MODELS",
@@ -27,6 +33,7 @@ __all__ = [
     "get",
     "head_module",
     "load_checkpoint",
+    "load_checkpoints",
     "load_pretrained",
     "names",
     "normalize",
