@@ -5,7 +5,7 @@
 
 Every configuration computes the same units (all of the explain stage's units for the
 params) from scratch in a temporary workspace, through the real executors and
-`cose.stages.explain.compute_unit`:
+`cose.stages.explain.run_job` (as the stage calls them):
 - `local`: the default executor, one process, torch with all `--cpus` threads;
 - `ray` with W workers (`COSE_RAY_WORKERS=W`, as the stage reads it): W actors on a local
   `--cpus`-CPU Ray cluster, each with cpus/W torch threads, models loaded once per actor.
@@ -92,7 +92,7 @@ def run_config(backend: str, workers: int, threads: int | None, cfg, units) -> d
     from cose.stages import common, explain
 
     shutil.rmtree(common.EXPLAIN, ignore_errors=True)
-    explain._CONTEXT.clear()  # the local executor loads its models again, like a new process
+    explain.release()  # the local executor loads its models again, like a new process
     os.environ["COSE_RAY_WORKERS"] = str(workers)
     if threads:
         os.environ["COSE_RAY_THREADS"] = str(threads)
@@ -102,7 +102,7 @@ def run_config(backend: str, workers: int, threads: int | None, cfg, units) -> d
     executor = backends.get(backend)
     stamps, seen = [], set()
     t0 = time.perf_counter()
-    for res in executor.run(explain.compute_unit, units, cfg.to_dict()):
+    for res in executor.run(explain.run_job, explain.jobs(units), cfg.to_dict()):
         stamps.append(time.perf_counter() - t0)
         seen.add(res["worker"])
     wall = time.perf_counter() - t0

@@ -207,7 +207,7 @@ def test_damaged_and_stale_shards_are_recomputed(reference, tmp_path, monkeypatc
     try:
         explain.compute_unit(unit1, cfg1.to_dict())
     finally:
-        explain._CONTEXT.clear()
+        explain.release()
     stale = base / "gradcam" / "shards" / "shard_0000.json"
     assert json.loads(stale.read_text())["fingerprint"] == unit1.fingerprint
     assert not pd.read_parquet(stale.with_suffix(".parquet")).equals(

@@ -7,6 +7,10 @@ the stage counts the finished shards, recomputes missing, truncated or stale one
 the rest on the chosen backend (`--backend` / `COSE_BACKEND`: local or ray). Finished shards
 survive a killed run (the DVC output is `persist`), and a shard from other params, code or
 checkpoints has another fingerprint and is recomputed.
+
+A worker loads the data and models of a (dataset, model) once, keeps them for all its units
+of that pair, and (`COSE_PREFETCH`, on by default on a GPU) loads the run's next pair in a
+background thread meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import shutil
 import time
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +122,11 @@ def shard_ok(unit: Unit) -> bool:
 
 _CONTEXT: dict[tuple, dict[str, Any]] = {}
 _LOADS = 0  # context loads (data + models) in this process: once per worker and model
+_PREFETCHED = 0  # of these, loads done in the background while the previous one computed
+# The next (dataset, model)'s data and models, being loaded on the host by a background thread
+# while this one computes: {(dataset, model): Future[(key, host context)]}, one entry at most.
+_PREFETCH: dict[tuple[str, str], Future] = {}
+_PREFETCHER: ThreadPoolExecutor | None = None
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -131,47 +141,113 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _load_model(name: str, nc: int, path: Path, dev: torch.device) -> torch.nn.Module:
+def prefetch_enabled(dev: torch.device) -> bool:
+    """`COSE_PREFETCH`: 1 loads the next (dataset, model) in the background while this one
+    computes, 0 never; unset or auto: on a GPU only (on the CPU the load would take cores
+    from the compute). An env choice like the backend: it changes no result."""
+    raw = os.environ.get("COSE_PREFETCH", "").strip().lower()
+    if raw in ("", "auto"):
+        return dev.type == "cuda"
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"COSE_PREFETCH: got {raw!r}, expected 1, 0 or auto")
+
+
+def _context_key(cfg: Config, dataset: str, model: str) -> tuple:
+    return (dataset, model, common.code_hash(), checkpoint_hash(dataset, model), cfg.data.root,
+            cfg.explain.images, cfg.explain.seed, cfg.train.save_epochs,
+            cfg.explain.random_model, cfg.explain.mid_ckpt)
+
+
+def _load_host(cfg: Config, dataset: str, model: str) -> tuple[tuple, dict[str, Any]]:
+    """Key, then images, labels and every model of a (dataset, model), on the CPU."""
     from cose import models
 
-    return models.create(name, nc, weights=str(path)).to(dev).eval()
+    key = _context_key(cfg, dataset, model)
+    images, labels, test_idx = common.explain_subset(cfg, dataset, model)
+    d = common.ckpt_dir(dataset, model)
+    files = {"final": d / "final.pt"}
+    if cfg.explain.random_model:
+        files["random"] = d / "random.pt"
+    for e in cfg.train.save_epochs if cfg.explain.mid_ckpt else ():
+        files[f"mid_ckpt_e{e:03d}"] = d / f"epoch_{e:03d}.pt"
+    nc = common.num_classes(cfg, dataset)
+    loaded = dict(zip(files, models.load_checkpoints(model, nc, list(files.values()))))
+    return key, {"images": images, "labels": labels, "test_idx": test_idx, "models": loaded}
+
+
+def _prefetch(cfg: Config, dataset: str, model: str) -> None:
+    """Start loading (dataset, model) on the host in the background, unless it is already."""
+    global _PREFETCHER
+    if (dataset, model) in _PREFETCH:
+        return
+    _drop_prefetch()
+    if _PREFETCHER is None:
+        _PREFETCHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cose-prefetch")
+    _PREFETCH[(dataset, model)] = _PREFETCHER.submit(_load_host, cfg, dataset, model)
+
+
+def _drop_prefetch() -> None:
+    """Forget a prefetch nobody asked for, after it ends (two loads never overlap)."""
+    for future in _PREFETCH.values():
+        future.cancel() or future.exception()
+    _PREFETCH.clear()
+
+
+def release() -> None:
+    """Free this process's loaded (dataset, model) and any prefetch of the next one: the next
+    unit loads its data and models again, as in a new worker."""
+    _drop_prefetch()
+    _CONTEXT.clear()
 
 
 def _context(cfg: Config, dataset: str, model: str) -> dict[str, Any]:
-    """Data and every model a unit needs, loaded once per worker process."""
-    key = (dataset, model, common.code_hash(), checkpoint_hash(dataset, model),
-           cfg.data.root, cfg.explain.images, cfg.explain.seed, cfg.train.save_epochs,
-           cfg.explain.random_model, cfg.explain.mid_ckpt)
+    """Data and every model a unit needs, loaded once per worker process and kept on the
+    device for all the units of this (dataset, model)."""
+    key = _context_key(cfg, dataset, model)
     if key in _CONTEXT:
         return _CONTEXT[key]
     from cose import models
 
-    global _LOADS
+    global _LOADS, _PREFETCHED
     _LOADS += 1
     _CONTEXT.clear()  # one (dataset, model) at a time per worker bounds memory
+    host = None
+    future = _PREFETCH.pop((dataset, model), None)
+    if future is not None:
+        ready_key, host = future.result()  # a load error surfaces here, for this unit
+        if ready_key != key:  # files changed since the prefetch began
+            host = None
+    _drop_prefetch()
+    if host is None:
+        _, host = _load_host(cfg, dataset, model)
+    else:
+        _PREFETCHED += 1
     dev = common.device()
-    nc = common.num_classes(cfg, dataset)
-    images, labels, test_idx = common.explain_subset(cfg, dataset, model)
-    d = common.ckpt_dir(dataset, model)
+    loaded = {k: m.to(dev) for k, m in host["models"].items()}
     ctx = {
-        "images": images.to(dev),
-        "labels": labels.to(dev),
-        "test_idx": test_idx,
-        "model": _load_model(model, nc, d / "final.pt", dev),
-        "random": _load_model(model, nc, d / "random.pt", dev) if cfg.explain.random_model else None,
-        "checkpoints": {
-            f"mid_ckpt_e{e:03d}": _load_model(model, nc, d / f"epoch_{e:03d}.pt", dev)
-            for e in (cfg.train.save_epochs if cfg.explain.mid_ckpt else ())
-        },
+        "images": host["images"].to(dev),
+        "labels": host["labels"].to(dev),
+        "test_idx": host["test_idx"],
+        "model": loaded.pop("final"),
+        "random": loaded.pop("random", None),
+        "checkpoints": loaded,
         "normalize": lambda x, _m=model: models.normalize(x, _m),
     }
     _CONTEXT[key] = ctx
     return ctx
 
 
-def compute_unit(unit: Unit, cfg_dict: dict[str, Any], root: str | None = None) -> dict[str, Any]:
+def compute_unit(
+    unit: Unit, cfg_dict: dict[str, Any], root: str | None = None,
+    upcoming: tuple[str, str] | None = None,
+) -> dict[str, Any]:
     """Compute one unit and write its shard; safe to call from any worker process.
 
+    `upcoming`: the (dataset, model) this worker will likely need after this one's units;
+    where `prefetch_enabled`, its data and models load in the background meanwhile.
     The sidecar (fingerprint, sha256, rows) is written last and holds nothing run-dependent,
     so the same unit gives the same bytes on any backend and a rerun is byte-identical.
     """
@@ -182,6 +258,9 @@ def compute_unit(unit: Unit, cfg_dict: dict[str, Any], root: str | None = None) 
     cfg = from_dict(cfg_dict)
     t0 = time.perf_counter()
     ctx = _context(cfg, unit.dataset, unit.model)
+    if upcoming and tuple(upcoming) != (unit.dataset, unit.model) and prefetch_enabled(
+            common.device()):
+        _prefetch(cfg, *upcoming)
     sl = slice(unit.start, unit.stop)
     keep = cfg.explain.sample_maps if unit.shard == 0 else 0
     result = explain_unit(
@@ -201,7 +280,27 @@ def compute_unit(unit: Unit, cfg_dict: dict[str, Any], root: str | None = None) 
             "rows": len(result.pairs), "unit": asdict(unit)}
     atomic_write_text(unit.sidecar, json.dumps(meta, indent=1, sort_keys=True))
     return {"key": unit.key, "rows": len(result.pairs), "seconds": seconds,
-            "worker": f"{os.uname().nodename}:{os.getpid()}", "loads": _LOADS}
+            "worker": f"{os.uname().nodename}:{os.getpid()}", "loads": _LOADS,
+            "prefetched": _PREFETCHED}
+
+
+def run_job(job: tuple[Unit, tuple[str, str] | None], cfg_dict: dict[str, Any],
+            root: str | None = None) -> dict[str, Any]:
+    """An executor's call: (unit, the next other (dataset, model) in the run) -> compute_unit."""
+    unit, upcoming = job
+    return compute_unit(unit, cfg_dict, root, upcoming=upcoming)
+
+
+def jobs(todo: list[Unit]) -> list[tuple[Unit, tuple[str, str] | None]]:
+    """Each unit with the first (dataset, model) after its own in the run's order: what its
+    worker will need next (executors hand units out in this order)."""
+    out: list[tuple[Unit, tuple[str, str] | None]] = []
+    current = after = None
+    for u in reversed(todo):
+        if (u.dataset, u.model) != current:
+            after, current = current, (u.dataset, u.model)
+        out.append((u, after))
+    return out[::-1]
 
 
 # --------------------------------------------------------------------------- driver
@@ -267,6 +366,7 @@ def _redirect_logging(bar):
 def run(cfg: Config, backend: str | None = None) -> None:
     from cose import backends, scoring
 
+    prefetch_enabled(common.device())  # a bad COSE_PREFETCH fails here, before any work
     journal = Journal.for_config("explain", cfg)  # tracking.required: checks MLflow first
     if note := precision.warning(cfg.explain.precision, cfg.methods):
         log.warning("explain: %s", note)
@@ -282,20 +382,22 @@ def run(cfg: Config, backend: str | None = None) -> None:
     executor = backends.get(backend)
     t0 = time.perf_counter()
     loads: dict[str, int] = {}
+    prefetched: dict[str, int] = {}
     bar = _progress_bar(len(todo))
     with bar, _redirect_logging(bar):
-        for i, res in enumerate(executor.run(compute_unit, todo, cfg.to_dict()), 1):
+        for i, res in enumerate(executor.run(run_job, jobs(todo), cfg.to_dict()), 1):
             elapsed = time.perf_counter() - t0
             eta = elapsed / i * (len(todo) - i)
             loads[res["worker"]] = max(loads.get(res["worker"], 0), res["loads"])
+            prefetched[res["worker"]] = max(prefetched.get(res["worker"], 0), res["prefetched"])
             bar.set_postfix_str(res["key"], refresh=False)
             bar.update()
             log.info("explain [%d/%d] %s: %d pairs in %.1fs (elapsed %.0fs, eta %.0fs)",
                      i, len(todo), res["key"], res["rows"], res["seconds"], elapsed, eta)
     if todo:
-        log.info("explain: ran %d units on backend %s: %d workers, %d model loads, %.1fs",
-                 len(todo), executor.name, len(loads), sum(loads.values()),
-                 time.perf_counter() - t0)
+        log.info("explain: ran %d units on backend %s: %d workers, %d model loads "
+                 "(%d prefetched), %.1fs", len(todo), executor.name, len(loads),
+                 sum(loads.values()), sum(prefetched.values()), time.perf_counter() - t0)
     bad = [u.key for u in units if not shard_ok(u)]
     if bad:
         raise RuntimeError(f"explain: {len(bad)} units did not produce a valid shard: {bad[:5]}")

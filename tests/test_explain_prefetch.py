@@ -1,0 +1,171 @@
+"""The explain stage's context loads: the next (dataset, model) is loaded in the background
+while the current one computes (`COSE_PREFETCH`), with the same results, load errors raised
+by the unit that needs the data, and checkpoints changed meanwhile loaded again.
+
+A real project layout in a temp folder: the digits export and COSE checkpoints of two demo
+models (final, random-init, one epoch), written directly instead of trained.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cose.data as D
+import cose.models as M
+from cose import config
+from cose.stages import explain
+
+torch.set_num_threads(2)
+MODELS = ("demo_resnet", "demo_vit")
+
+
+def _write_checkpoints(root: Path, model: str, seed: int) -> None:
+    d = root / "checkpoints" / "digits" / model
+    d.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(("final.pt", "random.pt", "epoch_001.pt")):
+        torch.save(M.cose_checkpoint(M.create(model, 10, seed=seed + i)), d / name)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    D.fetch("digits", root)
+    return root
+
+
+@pytest.fixture
+def project(tmp_path, data_root, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COSE_DEVICE", "cpu")
+    for i, model in enumerate(MODELS):
+        _write_checkpoints(tmp_path, model, 10 * i)
+    cfg = config.from_dict({
+        "datasets": ["digits"], "models": list(MODELS), "methods": ["gradcam", "ig"],
+        "data": {"root": str(data_root)}, "train": {"save_epochs": [1]},
+        "explain": {"images": 2, "shard_size": 1, "magnitudes": 1, "sample_maps": 1,
+                    "transforms": ["Rotate", "FlipLR", "Brightness"],
+                    "settings": {"ig": {"steps": 4}}},
+    })
+    explain.release()
+    yield tmp_path, cfg
+    explain.release()
+
+
+def _counts() -> tuple[int, int]:
+    """This process's context loads so far, and how many of them were prefetched."""
+    return explain._LOADS, explain._PREFETCHED
+
+
+def _since(before: tuple[int, int], result: dict) -> tuple[int, int]:
+    return result["loads"] - before[0], result["prefetched"] - before[1]
+
+
+def _run(cfg, monkeypatch, prefetch: str) -> tuple[dict[str, bytes], tuple[int, int]]:
+    """Every unit through the executor's call, as `explain.run` makes it: the shards' bytes,
+    and the (loads, prefetched loads) it took."""
+    monkeypatch.setenv("COSE_PREFETCH", prefetch)
+    explain.release()
+    before = _counts()
+    units = explain.plan(cfg)
+    results = [explain.run_job(job, cfg.to_dict()) for job in explain.jobs(units)]
+    shards = {u.key: u.parquet.read_bytes() for u in units}
+    return shards, _since(before, results[-1])
+
+
+def test_jobs_name_the_next_other_dataset_model():
+    def unit(d, m, s):
+        return explain.Unit(d, m, "gradcam", s, s, s + 1, "fp")
+
+    a0, a1, b0, c0, c1 = (unit("x", "a", 0), unit("x", "a", 1), unit("x", "b", 0),
+                          unit("y", "a", 0), unit("y", "a", 1))
+    assert explain.jobs([a0, a1, b0, c0, c1]) == [
+        (a0, ("x", "b")), (a1, ("x", "b")), (b0, ("y", "a")), (c0, None), (c1, None)]
+    assert explain.jobs([a0, b0, a1]) == [(a0, ("x", "b")), (b0, ("x", "a")), (a1, None)]
+    assert explain.jobs([]) == []
+
+
+def test_prefetch_loads_the_next_model_during_compute_with_the_same_results(
+        project, monkeypatch):
+    _, cfg = project
+    events: list[tuple] = []
+    real_load, real_unit = explain._load_host, None
+    import cose.engine as engine
+
+    real_unit = engine.explain_unit
+
+    def load(cfg_, dataset, model):
+        events.append(("load", model, threading.current_thread().name, time.perf_counter()))
+        return real_load(cfg_, dataset, model)
+
+    def unit(model, images, *args, **kwargs):
+        out = real_unit(model, images, *args, **kwargs)
+        events.append(("unit", model.cose_meta["model"], time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(explain, "_load_host", load)
+    monkeypatch.setattr(engine, "explain_unit", unit)
+    with_prefetch, counts = _run(cfg, monkeypatch, "1")
+    loads = [e for e in events if e[0] == "load"]
+    assert [(e[1], e[2].startswith("cose-prefetch")) for e in loads] == [
+        ("demo_resnet", False), ("demo_vit", True)]
+    # the ViT's load began while demo_resnet's units were still running
+    last_resnet_unit = max(e[2] for e in events if e[0] == "unit" and e[1] == "demo_resnet")
+    assert loads[1][3] < last_resnet_unit
+    assert counts == (2, 1)
+
+    events.clear()
+    without, counts = _run(cfg, monkeypatch, "0")
+    assert [(e[1], e[2]) for e in events if e[0] == "load"] == [
+        ("demo_resnet", "MainThread"), ("demo_vit", "MainThread")]
+    assert counts == (2, 0)
+    assert len(with_prefetch) == 8 and with_prefetch == without
+
+
+def test_a_failed_prefetch_fails_the_unit_that_needs_it(project, monkeypatch):
+    root, cfg = project
+    (root / "checkpoints" / "digits" / "demo_vit" / "epoch_001.pt").write_bytes(b"not torch")
+    monkeypatch.setenv("COSE_PREFETCH", "1")
+    units = explain.plan(cfg)
+    jobs = explain.jobs(units)
+    for job in jobs[:4]:  # demo_resnet's units finish while the ViT's load fails behind them
+        assert explain.run_job(job, cfg.to_dict())["rows"] > 0
+    assert explain._PREFETCH  # the failed load is still waiting for its unit
+    with pytest.raises(ValueError, match=r"epoch_001\.pt: cannot be read as a weights-only"):
+        explain.run_job(jobs[4], cfg.to_dict())
+    assert all(explain.shard_ok(u) for u in units[:4])
+    assert not any(explain.shard_ok(u) for u in units[4:])
+
+
+def test_checkpoints_changed_after_the_prefetch_are_loaded_again(project, monkeypatch):
+    root, cfg = project
+    monkeypatch.setenv("COSE_PREFETCH", "1")
+    jobs = explain.jobs(explain.plan(cfg))
+    for job in jobs[:4]:
+        explain.run_job(job, cfg.to_dict())
+    next(iter(explain._PREFETCH.values())).result()  # the old ViT checkpoints are loaded
+    _write_checkpoints(root, "demo_vit", 99)  # e.g. retrained meanwhile
+    new_jobs = explain.jobs(explain.plan(cfg))
+    before = _counts()
+    res = [explain.run_job(job, cfg.to_dict()) for job in new_jobs[4:]]
+    assert _since(before, res[-1]) == (1, 0)  # loaded again; the prefetched models dropped
+    got = {u.key: u.parquet.read_bytes() for u, _ in new_jobs[4:]}
+
+    fresh, _ = _run(cfg, monkeypatch, "0")
+    assert got == {k: fresh[k] for k in got}
+
+
+def test_prefetch_setting(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for raw, on_cpu, on_cuda in (("", False, True), ("auto", False, True), ("1", True, True),
+                                 ("on", True, True), ("0", False, False), ("off", False, False)):
+        monkeypatch.setenv("COSE_PREFETCH", raw)
+        assert (explain.prefetch_enabled(cpu), explain.prefetch_enabled(cuda)) == (on_cpu,
+                                                                                    on_cuda)
+    monkeypatch.setenv("COSE_PREFETCH", "sometimes")
+    with pytest.raises(ValueError, match="COSE_PREFETCH: got 'sometimes', expected 1, 0 or auto"):
+        explain.prefetch_enabled(cpu)
