@@ -51,6 +51,13 @@ def test_overrides_use_dotted_keys_and_yaml_values():
         ("explain.magnitudes=61", "explain.magnitudes: got 61, expected 1..60"),
         ("explain.random_model=maybe", "explain.random_model: got 'maybe', expected true or false"),
         ("explain.settings.shap.steps=1", "explain.settings.shap: unknown method"),
+        ("explain.images_by_method.shap=1", "explain.images_by_method.shap: unknown method"),
+        ("explain.images_by_method.lime=7",
+         "explain.images_by_method.lime: got 7, expected an integer in 1..explain.images (6)"),
+        ("explain.images_by_method.lime=0", "explain.images_by_method.lime: got 0, expected"),
+        ("explain.images_by_method.lime=two", "explain.images_by_method.lime: got 'two'"),
+        ("explain.images_by_method=5", "explain.images_by_method: got 5, expected a mapping"),
+        ("explain.images.lime=5", "-S explain.images.lime: unknown key"),
         ("noequals", "expected KEY=VALUE"),
     ],
 )
@@ -59,6 +66,26 @@ def test_bad_values_name_key_value_and_allowed(override, needle):
         load([override])
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_images_by_method_gives_some_methods_the_first_n_images():
+    cfg = load(["explain.images_by_method.lime=2", "explain.images_by_method.guided_ig=6"])
+    assert cfg.explain.images_by_method == {"lime": 2, "guided_ig": 6}
+    assert [cfg.explain.images_for(m) for m in ("lime", "guided_ig", "ig")] == [2, 6, 6]
+    # every mapping param takes dotted keys below it
+    cfg = load(["train.weights.demo_resnet=/tmp/w.pth"], registries=True)
+    assert cfg.train.weights == {"demo_resnet": "/tmp/w.pth"}
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "params" / "paper").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_paper_presets_explain_the_papers_image_counts(preset):
+    """REFERENCE.md step 1: 500 images for GradCAM, GradCAM++ and IG, the first 50 for the
+    other four methods."""
+    cfg = config.load(preset, check_registries=False)
+    assert {m: cfg.explain.images_for(m) for m in cfg.methods} == {
+        "gradcam": 500, "gradcampp": 500, "ig": 500,
+        "smoothgrad": 50, "blur_ig": 50, "guided_ig": 50, "lime": 50}
 
 
 def test_unknown_dataset_model_and_setting_checked_against_registries():

@@ -63,6 +63,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ExplainConfig:
     images: int = 8
+    # method -> fewer test images for that method: the first N of the same permutation (the
+    # paper: 500 for GradCAM, GradCAM++, IG and 50 for SmoothGrad, BlurIG, GuidedIG, LIME)
+    images_by_method: dict[str, int] = field(default_factory=dict)
     seed: int = 0
     transforms: tuple[str, ...] = TRANSFORM_NAMES
     magnitudes: int = 6
@@ -73,6 +76,10 @@ class ExplainConfig:
     sample_maps: int = 2
     precision: str = "fp32"
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def images_for(self, method: str) -> int:
+        """Test images `method` explains: its `images_by_method` entry, else `images`."""
+        return self.images_by_method.get(method, self.images)
 
 
 @dataclass(frozen=True)
@@ -258,6 +265,13 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
             raise ConfigError(str(exc)) from None
     e = cfg.explain
     _check_positive("explain.images", e.images)
+    for method, n in e.images_by_method.items():
+        key = f"explain.images_by_method.{method}"
+        if method not in METHODS:
+            raise ConfigError(f"{key}: unknown method; allowed: {', '.join(METHODS)}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= e.images:
+            raise ConfigError(f"{key}: got {n!r}, expected an integer in 1..explain.images "
+                              f"({e.images}): the first N of the explain images")
     _check_positive("explain.magnitudes", e.magnitudes)
     if e.magnitudes > 60:
         raise ConfigError(f"explain.magnitudes: got {e.magnitudes}, expected 1..60")
@@ -310,6 +324,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _mapping_keys(cls: type = Config, prefix: str = "") -> set[str]:
+    """Dotted keys of the mapping-valued params (their own keys are free-form)."""
+    keys = set()
+    for f in dataclasses.fields(cls):
+        if cls is Config and f.name in _SECTIONS:
+            keys |= _mapping_keys(_SECTIONS[f.name], f.name + ".")
+        elif str(f.type).startswith("dict"):
+            keys.add(prefix + f.name)
+    return keys
+
+
 def _known_keys(cls: type = Config, prefix: str = "") -> set[str]:
     keys = set()
     for f in dataclasses.fields(cls):
@@ -320,14 +345,18 @@ def _known_keys(cls: type = Config, prefix: str = "") -> set[str]:
     return keys
 
 
+_MAPPINGS = _mapping_keys()
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     known = _known_keys()
     for text in overrides:
         key, value = parse_override(text)
         parts = key.split(".")
-        # explain.settings.<method>.<name> is open-ended below `settings`
-        head = ".".join(parts[:2]) if parts[:2] == ["explain", "settings"] else key
+        # mappings are open-ended: explain.settings.<method>.<name>, train.weights.<model>, ...
+        head = next((".".join(parts[:i]) for i in range(2, len(parts))
+                     if ".".join(parts[:i]) in _MAPPINGS), key)
         if head not in known:
             section = parts[0] + "."
             near = sorted(k for k in known if k.startswith(section)) or sorted(

@@ -86,16 +86,19 @@ def checkpoint_hash(dataset: str, model: str) -> str:
 def plan(cfg: Config) -> list[Unit]:
     """All units of the stage, in a fixed order."""
     code = common.code_hash()
-    explain = {k: v for k, v in cfg.to_dict()["explain"].items() if k != "batch_size"}
+    # not fingerprinted: the batch size (same numbers), and the per-method image counts (a
+    # unit's range says which images it explains, so fewer or more leave its shard as it is)
+    explain = {k: v for k, v in cfg.to_dict()["explain"].items()
+               if k not in ("batch_size", "images_by_method")}
     units = []
-    n_shards = math.ceil(cfg.explain.images / cfg.explain.shard_size)
     for dataset in cfg.datasets:
         for model in cfg.models:
             ckpt = checkpoint_hash(dataset, model)
             for method in cfg.methods:
-                for shard in range(n_shards):
+                images = cfg.explain.images_for(method)
+                for shard in range(math.ceil(images / cfg.explain.shard_size)):
                     start = shard * cfg.explain.shard_size
-                    stop = min(start + cfg.explain.shard_size, cfg.explain.images)
+                    stop = min(start + cfg.explain.shard_size, images)
                     blob = json.dumps(
                         {"seed": cfg.seed, "explain": explain, "dataset": dataset,
                          "model": model, "method": method, "range": [start, stop],

@@ -1,6 +1,9 @@
-"""The explain stage's context loads: the next (dataset, model) is loaded in the background
-while the current one computes (`COSE_PREFETCH`), with the same results, load errors raised
-by the unit that needs the data, and checkpoints changed meanwhile loaded again.
+"""The explain stage's units, run in process as its executors run them.
+
+- Which units a config makes: per-method image counts (`explain.images_by_method`).
+- Context loads: the next (dataset, model) is loaded in the background while the current one
+  computes (`COSE_PREFETCH`), with the same results, load errors raised by the unit that needs
+  the data, and checkpoints changed meanwhile loaded again.
 
 A real project layout in a temp folder: the digits export and COSE checkpoints of two demo
 models (final, random-init, one epoch), written directly instead of trained.
@@ -75,6 +78,27 @@ def _run(cfg, monkeypatch, prefetch: str) -> tuple[dict[str, bytes], tuple[int, 
     results = [explain.run_job(job, cfg.to_dict()) for job in explain.jobs(units)]
     shards = {u.key: u.parquet.read_bytes() for u in units}
     return shards, _since(before, results[-1])
+
+
+def test_images_by_method_explains_the_first_n_images_with_the_same_shards(project, monkeypatch):
+    _, cfg = project
+    all_images, _ = _run(cfg, monkeypatch, "0")
+    fewer = config.from_dict({**cfg.to_dict(), "explain": {
+        **cfg.to_dict()["explain"], "images_by_method": {"ig": 1}}})
+    units = explain.plan(fewer)
+    assert [(u.model, u.method, u.start, u.stop) for u in units] == [
+        (m, meth, s, s + 1) for m in MODELS for meth, shards in (("gradcam", 2), ("ig", 1))
+        for s in range(shards)]
+    # the count is not part of a shard's fingerprint: the first ig shard is kept, not redone
+    assert {u.key: u.fingerprint for u in units} == {
+        u.key: u.fingerprint for u in explain.plan(cfg) if u.key in {v.key for v in units}}
+    explain._prune(units)
+    assert not any(u.parquet.exists() for u in explain.plan(cfg) if u.key not in
+                   {v.key for v in units})
+    assert all(explain.shard_ok(u) for u in units)
+    fewer_images, _ = _run(fewer, monkeypatch, "0")
+    assert fewer_images == {k: v for k, v in all_images.items() if k in fewer_images}
+    assert len(fewer_images) == 6
 
 
 def test_jobs_name_the_next_other_dataset_model():
