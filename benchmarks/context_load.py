@@ -12,9 +12,11 @@ It also times the checkpoint fingerprint that every unit's context lookup comput
 that the stage now uses, and gives both per (dataset, model) for `--units` units (34 in the paper
 presets: 3 methods x 10 shards of 50 images + 4 methods x 1 shard).
 
-Not timed: decoding the explain images (about 7 ms per 500x375 JPEG on the 2-core CPU, see
-docs/gpu.md) and the move to the device. On a GPU the stage loads the next (dataset, model) in
-the background while the current one computes (`COSE_PREFETCH`); this measures what that hides.
+With `--device cuda` it also times the move of the loaded models to the GPU (synchronised):
+on a GPU the stage loads the next (dataset, model) on the host in the background while the
+current one computes (`COSE_PREFETCH`), so a switch then waits only for that move instead of
+the load plus the move. Not timed: decoding the explain images (about 7 ms per 500x375 JPEG on
+the 2-core CPU, see docs/gpu.md; part of the prefetched load too).
 Timings on a shared machine are noisy: compare ratios within one run.
 """
 
@@ -38,7 +40,17 @@ def _timed(fn):
     return time.perf_counter() - t, out
 
 
-def measure(name: str, n: int, classes: int, units: int, repeats: int, folder: Path) -> dict:
+def _to_device(loaded: list, device: torch.device) -> float:
+    t = time.perf_counter()
+    for m in loaded:
+        m.to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def measure(name: str, n: int, classes: int, units: int, repeats: int, folder: Path,
+            device: torch.device) -> dict:
     from cose import io, models
 
     paths = []
@@ -47,13 +59,17 @@ def measure(name: str, n: int, classes: int, units: int, repeats: int, folder: P
         torch.save(models.cose_checkpoint(models.create(name, classes, seed=i)), path)
         paths.append(path)
     mib = sum(p.stat().st_size for p in paths) / 2**20
-    create_s, fast_s = [], []
+    create_s, fast_s, move_s = [], [], []
     for _ in range(repeats):
         t, a = _timed(lambda: [models.create(name, classes, weights=p) for p in paths])
         create_s.append(t)
         del a
         t, b = _timed(lambda: models.load_checkpoints(name, classes, paths))
         fast_s.append(t)
+        if device.type != "cpu":
+            move_s.append(_to_device(b, device))
+            b = [m.cpu() for m in b]
+            torch.cuda.empty_cache()
     same = all(torch.equal(x, y) for m, p in zip(b, paths)
                for x, y in zip(m.state_dict().values(),
                                models.create(name, classes, weights=p).state_dict().values()))
@@ -71,6 +87,10 @@ def measure(name: str, n: int, classes: int, units: int, repeats: int, folder: P
         "model": name, "checkpoints": n, "mib": round(mib, 1), "identical": same,
         "create_s": round(min(create_s), 3), "load_checkpoints_s": round(min(fast_s), 3),
         "load_speedup": round(min(create_s) / min(fast_s), 2),
+        "device": str(device),
+        # a switch: without prefetch, load + move; with it, the move alone
+        "switch_s": round(min(fast_s) + min(move_s), 3) if move_s else None,
+        "switch_prefetched_s": round(min(move_s), 3) if move_s else None,
         "hash_per_unit_uncached_s": round(uncached, 4),
         "hash_per_unit_cached_s": round(cached, 6),
         "hash_per_pair_uncached_s": round(units * uncached, 2),
@@ -86,16 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--units", type=int, default=34)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda to time the move to the GPU")
     ap.add_argument("--dir", default=None, help="where the checkpoints go (default: a temp dir)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for name in args.models.split(","):
             rows.append(measure(name, args.checkpoints, args.classes, args.units, args.repeats,
-                                Path(tmp)))
+                                Path(tmp), device))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"| model | ckpts (MiB) | create s | load_checkpoints s | speedup | hash/unit s "
           f"uncached / cached | hash per (dataset, model), {args.units} units: uncached / cached s |")
@@ -105,10 +127,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['load_checkpoints_s']:.2f} | {r['load_speedup']:.1f}x | "
               f"{r['hash_per_unit_uncached_s']:.2f} / {r['hash_per_unit_cached_s']:.5f} | "
               f"{r['hash_per_pair_uncached_s']:.1f} / {r['hash_per_pair_cached_s']:.1f} |")
+    if device.type != "cpu":
+        print(f"\n| model | switch on {device}: load + move s | with prefetch: move s |")
+        print("|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['switch_s']:.2f} | {r['switch_prefetched_s']:.2f} |")
     if args.json:
         meta = {"python": platform.python_version(), "torch": torch.__version__,
                 "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                "threads": torch.get_num_threads(), "units": args.units}
+                "threads": torch.get_num_threads(), "units": args.units,
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                else None}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0 if all(r["identical"] for r in rows) else 1
 

@@ -193,3 +193,23 @@ def test_prefetch_setting(monkeypatch):
     monkeypatch.setenv("COSE_PREFETCH", "sometimes")
     with pytest.raises(ValueError, match="COSE_PREFETCH: got 'sometimes', expected 1, 0 or auto"):
         explain.prefetch_enabled(cpu)
+
+
+def test_context_load_benchmark_runs_and_checks_its_models(tmp_path):
+    """benchmarks/context_load.py on two small checkpoints per model (its numbers mean
+    nothing here; the models it times must equal create()'s, or it exits 1)."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "context_load.py"
+    out = tmp_path / "ctx.json"
+    res = subprocess.run([sys.executable, str(script), "--models", "demo_swin,demo_vit",
+                          "--checkpoints", "2", "--repeats", "1", "--units", "3",
+                          "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["checkpoints"], r["identical"]) for r in rows] == [
+        ("demo_swin", 2, True), ("demo_vit", 2, True)]
+    assert all(r["switch_s"] is None for r in rows)  # the GPU columns need --device cuda
+    assert "| demo_swin | 2 (" in res.stdout
