@@ -604,10 +604,11 @@ def main(argv: list[str] | None = None) -> int:
             "complete": complete,
         }
         recs = recommendations(rows, model_names, precisions)
+        projection = project(rows, model_names, precisions, methods)
         return {
             "schema": SCHEMA, "meta": meta, "limits": list(limits.values()), "rows": rows,
-            "skipped": skipped, "projection": project(rows, model_names, precisions, methods),
-            "grid_mean_of_models": grid_mean(project(rows, model_names, precisions, methods)),
+            "skipped": skipped, "projection": projection,
+            "grid_mean_of_models": grid_mean(projection),
             "recommendations": recs,
             "validated": validated(recs, model_names),
         }
