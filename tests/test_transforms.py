@@ -1,9 +1,9 @@
 """cose.transforms: magnitude grid, sampling, parity with PIL / torchvision-on-PIL, inverses
 against skimage, valid masks, bad input.
 
-Tolerances (uint8-valued inputs scaled to [0, 1]): geometric transforms and Equalize are
-bit-exact; the other photometric ones are within PHOTO_TOL (units of 1/255). Inverses match
-skimage's rotate/warp (order=1, constant 0) to 1e-9 on float64 maps, 1e-5 on float32.
+On uint8-valued inputs scaled to [0, 1] every transform is bit-exact to the reference's PIL
+path, at every bin of the reference's float32 magnitude grid. Inverses match skimage's
+rotate/warp (order=1, constant 0) to 1e-9 on float64 maps, 1e-5 on float32.
 """
 
 from __future__ import annotations
@@ -20,18 +20,6 @@ from cose import transforms as T
 
 torch.set_num_threads(1)
 
-# max |ours - PIL| in units of 1/255 (PIL truncates blends to uint8 and rounds filter outputs
-# and grey levels; we keep floats). Geometric transforms and Equalize are bit-exact.
-PHOTO_TOL = {
-    "Brightness": 1.0,
-    "Contrast": 1.0,
-    "Color": 1.5,
-    "Sharpness": 1.5,
-    "AutoContrast": 1.0,
-    "Equalize": 0.0,
-    "Blur": 0.5,
-    "Smooth": 0.5,
-}
 SEEDS = [0, 1, 2]
 SIZES = [(224, 224), (37, 53), (64, 48)]
 
@@ -121,16 +109,32 @@ def test_names_partition():
     assert set(T.GEOMETRIC) | set(T.PHOTOMETRIC) == set(T.TRANSFORMS)
 
 
+def reference_grid(name: str) -> list[float]:
+    """The reference's signed magnitudes: ``torch.linspace(0, max, 31)`` (float32) times +1
+    and -1, zeros dropped (its ModifiedTrivial._augmentation_space and explain loop)."""
+    mags = torch.linspace(0.0, T.MAX_MAGNITUDE[name], 31)
+    signed = torch.tensor([1.0, -1.0]).reshape(-1, 1) @ mags.reshape(1, -1)
+    return signed[signed != 0].tolist()
+
+
 @pytest.mark.parametrize("name", T.SIGNED)
-def test_grid_is_signed_linspace(name):
+def test_grid_is_the_reference_float32_linspace(name):
     grid = T.magnitude_grid(name)
-    top = T.MAX_MAGNITUDE[name]
-    positive = np.linspace(0, top, 31)[1:]
     assert len(grid) == 60 and 0.0 not in grid
-    np.testing.assert_allclose(
-        sorted(grid), np.concatenate([-positive[::-1], positive]), rtol=0, atol=1e-12
-    )
+    assert sorted(grid) == sorted(reference_grid(name))  # the same float32 values, bit for bit
     assert grid == sorted(grid)
+    assert all(float(np.float32(v)) == v for v in grid)
+
+
+def test_translation_bin_15_moves_15_pixels():
+    """The reference's bin 15 of 0..32 px is 15.999999 in float32: int() moves 15 px."""
+    positive = [v for v in T.magnitude_grid("TranslateX", 224) if v > 0]
+    assert positive[14] == pytest.approx(16.0, abs=1e-5) and positive[14] < 16.0
+    assert T.translation_pixels([positive[14], -positive[14]]).tolist() == [15, -15]
+    x = torch.zeros(1, 1, 8, 40)
+    x[..., 0] = 1.0
+    moved = T.apply("TranslateX", x, [positive[14]])
+    assert moved[0, 0, 0].nonzero().flatten().tolist() == [15]
 
 
 def test_grid_translation_scales_with_size():
@@ -214,16 +218,24 @@ def test_translate_every_grid_shift_bit_exact():
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("name", T.PHOTOMETRIC)
-def test_photometric_close_to_pil(name, size, seed):
+def test_photometric_bit_exact_to_pil(name, size, seed):
     rng = np.random.default_rng(100 + seed)
     arr = random_images(rng, 10, *size)
     mags = draw(name, 10, size, rng)
     ours = T.apply(name, to_tensor(arr), mags)
-    ref = pil_batch(name, arr, mags)
-    diff = (ours - ref).abs() * 255
-    assert float(diff.max()) <= PHOTO_TOL[name] + 1e-3, f"{name}: max {float(diff.max())}/255"
-    assert float(diff.mean()) <= 0.75
-    assert float(ours.min()) >= 0.0 and float(ours.max()) <= 1.0
+    assert torch.equal(ours, pil_batch(name, arr, mags)), name
+
+
+@pytest.mark.parametrize("name", T.PHOTOMETRIC)
+def test_photometric_every_grid_bin_bit_exact(name):
+    """Every bin of the reference's float32 grid (both signs), on varied 224 px images."""
+    rng = np.random.default_rng(21)
+    grid = reference_grid(name) if name in T.SIGNED else [0.0]
+    arr = random_images(rng, 5, 224, 224)
+    x = to_tensor(arr)
+    for mag in grid:
+        mags = torch.full((5,), mag, dtype=torch.float32)  # the reference's float32 magnitudes
+        assert torch.equal(T.apply(name, x, mags), pil_batch(name, arr, mags)), (name, mag)
 
 
 @pytest.mark.parametrize("name", T.PHOTOMETRIC)
@@ -232,8 +244,17 @@ def test_photometric_grayscale_images(name):
     arr = random_images(rng, 5, 33, 41, channels=1)
     mags = draw(name, 5, (33, 41), rng)
     ours = T.apply(name, to_tensor(arr), mags)
-    ref = pil_batch(name, arr, mags)
-    assert float((ours - ref).abs().max()) * 255 <= PHOTO_TOL[name] + 1e-3
+    assert torch.equal(ours, pil_batch(name, arr, mags)), name
+
+
+def test_photometric_rounds_unquantised_inputs_to_8_bits():
+    """A PIL image holds 8-bit levels: other inputs are rounded to k/255 first."""
+    x = torch.rand(3, 3, 20, 20)
+    levels = torch.floor(x * 255 + 0.5) / 255
+    for name in T.PHOTOMETRIC:
+        mags = draw(name, 3, 20, np.random.default_rng(1))
+        assert torch.equal(T.apply(name, x, mags), T.apply(name, levels, mags)), name
+    assert torch.equal(T.apply("Brightness", x, [0.0] * 3), levels)
 
 
 def test_filters_keep_pil_borders():
@@ -246,7 +267,7 @@ def test_filters_keep_pil_borders():
         assert torch.equal(out[..., -r:, :], x[..., -r:, :])
         assert torch.equal(out[..., :, :r], x[..., :, :r])
         assert torch.equal(out[..., :, -r:], x[..., :, -r:])
-    tiny = torch.rand(1, 3, 4, 4)
+    tiny = to_tensor(random_images(rng, 1, 4, 4))
     assert torch.equal(T.apply("Blur", tiny, None), tiny)  # PIL copies images under the kernel
 
 
@@ -262,9 +283,9 @@ def test_batched_equals_one_by_one(name):
 
 
 def test_magnitude_zero_is_identity():
-    x = torch.rand(2, 3, 30, 30)
+    x = to_tensor(random_images(np.random.default_rng(2), 2, 30, 30))
     for name in T.SIGNED:
-        assert torch.allclose(T.apply(name, x, [0.0, 0.0]), x, atol=1e-7), name
+        assert torch.equal(T.apply(name, x, [0.0, 0.0]), x), name
 
 
 def test_float64_and_unquantised_inputs():

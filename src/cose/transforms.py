@@ -1,18 +1,20 @@
 """The 13 COSE transforms: magnitude grid, batched forward on [0,1] images, inverses for maps.
 
 Semantics follow the reference (torchvision's TrivialAugmentWide operations applied to PIL
-images, plus flips and PIL's BLUR/SMOOTH filters); see docs/metric.md for the exact rules and
-the measured differences to PIL.
+images, plus flips and PIL's BLUR/SMOOTH filters); see docs/metric.md for the exact rules.
 
+- Magnitude grid: ``torch.linspace(0, max, 31)`` in float32, as the reference builds it, so
+  every bin moves the same pixels and angles (translation bin 15 is 15.999999: 15 px).
 - Geometric (TranslateX, TranslateY, Rotate, FlipLR, FlipUD): nearest interpolation, fill 0,
   bit-exact to PIL on any image.
   Translations move by ``int(magnitude)`` pixels (truncation toward zero, as torchvision's
   ``_apply_op`` does); rotations are counter-clockwise in degrees about the image centre,
   reproducing PIL's 16.16 fixed-point nearest-neighbour sampling.
 - Photometric (Brightness, Color, Contrast, Sharpness, AutoContrast, Equalize, Blur, Smooth):
-  PIL ImageEnhance / ImageOps / ImageFilter semantics computed in floating point (PIL rounds or
-  truncates to uint8 after each step; these do not), within 2/255 of PIL on uint8-valued
-  inputs. Equalize works on 256 levels (the input is rounded to k/255 first).
+  PIL's uint8 arithmetic (ImageEnhance blends in float32 truncated to uint8, the grey
+  conversion and filter kernels as libImaging computes them, ImageOps' lookup tables), so they
+  are bit-exact to the reference's PIL path on uint8-valued inputs. The input is rounded to 8
+  bits first (k/255, as a PIL image holds it); the output is k/255 in the input's dtype.
 
 All functions are batched over the first dimension, take per-sample magnitudes and run on the
 images' device.
@@ -24,7 +26,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from cose import spec
 
 __all__ = [
     "GEOMETRIC",
@@ -46,28 +49,9 @@ __all__ = [
     "translation_pixels",
 ]
 
-GEOMETRIC: tuple[str, ...] = ("TranslateX", "TranslateY", "Rotate", "FlipLR", "FlipUD")
-PHOTOMETRIC: tuple[str, ...] = (
-    "Brightness",
-    "Color",
-    "Contrast",
-    "Sharpness",
-    "AutoContrast",
-    "Equalize",
-    "Blur",
-    "Smooth",
-)
-TRANSFORMS: tuple[str, ...] = GEOMETRIC + PHOTOMETRIC
-SIGNED: tuple[str, ...] = (
-    "TranslateX",
-    "TranslateY",
-    "Rotate",
-    "Brightness",
-    "Color",
-    "Contrast",
-    "Sharpness",
-)
-UNSIGNED: tuple[str, ...] = tuple(t for t in TRANSFORMS if t not in SIGNED)
+# the names, kinds and maximum magnitudes live in cose.spec (no torch there)
+GEOMETRIC, PHOTOMETRIC, TRANSFORMS = spec.GEOMETRIC, spec.PHOTOMETRIC, spec.TRANSFORMS
+SIGNED, UNSIGNED, MAX_MAGNITUDE = spec.SIGNED, spec.UNSIGNED, spec.MAX_MAGNITUDE
 
 NUM_BINS = 31
 """Bins of the magnitude grid, zero included (``linspace(0, max, 31)``)."""
@@ -75,20 +59,9 @@ DEFAULT_COUNT = 6
 """Signed magnitudes drawn per image and transform in the reference."""
 REFERENCE_SIZE = 224
 """Image side at which the translation maximum is 32 px."""
-MAX_MAGNITUDE: dict[str, float] = {
-    "TranslateX": 32.0,  # pixels at REFERENCE_SIZE, scaled by W / 224
-    "TranslateY": 32.0,  # pixels at REFERENCE_SIZE, scaled by H / 224
-    "Rotate": 135.0,  # degrees
-    "Brightness": 0.99,  # factor 1 + m
-    "Color": 0.99,
-    "Contrast": 0.99,
-    "Sharpness": 0.99,
-}
 MASK_TOLERANCE = 1e-6
 """An all-ones image through apply + invert counts as valid where it exceeds this."""
 
-# PIL's RGB -> L weights (fixed point 16.16: L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16)
-_GRAY_WEIGHTS = (19595 / 65536, 38470 / 65536, 7471 / 65536)
 # PIL ImageFilter.SMOOTH (3x3, scale 13) and ImageFilter.BLUR (5x5 ring, scale 16)
 _SMOOTH_KERNEL = ((1.0, 1.0, 1.0), (1.0, 5.0, 1.0), (1.0, 1.0, 1.0))
 _SMOOTH_SCALE = 13.0
@@ -136,17 +109,18 @@ def _max_magnitude(name: str, size: int | Sequence[int]) -> float:
 
 
 def magnitude_grid(name: str, size: int | Sequence[int] = REFERENCE_SIZE) -> list[float]:
-    """The 60 non-zero signed magnitudes ``±linspace(0, max, 31)[1:]`` (ascending), or ``[0.0]``.
+    """The 60 non-zero signed magnitudes ``±torch.linspace(0, max, 31)[1:]`` (float32 values,
+    ascending), or ``[0.0]``.
 
-    ``size`` is the image side (int) or ``(height, width)``; only translations depend on it
-    (32 px at 224 px, scaled linearly).
+    The values are the reference's float32 bins (translation bin 15 at 224 px is 15.999999,
+    which moves 15 px); ``size`` is the image side (int) or ``(height, width)``; only
+    translations depend on it (32 px at 224 px, scaled linearly).
     """
     _check_name(name)
     if name in UNSIGNED:
         return [0.0]
     top = _max_magnitude(name, size)
-    steps = NUM_BINS - 1
-    positive = [top * k / steps for k in range(1, NUM_BINS)]
+    positive = torch.linspace(0.0, top, NUM_BINS, dtype=torch.float32)[1:].tolist()
     return [-v for v in reversed(positive)] + positive
 
 
@@ -306,67 +280,107 @@ def _rotate_bilinear(maps: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- photometric
+# PIL's uint8 arithmetic on images held as integers 0..255 (int32 tensors [B,C,H,W]): the
+# same float32 operations in the same order as libImaging (Blend.c, Filter.c, Convert.c) and
+# the same float64 lookup tables as ImageOps, so the results equal PIL's bytes.
 
 
-def _gray(images: torch.Tensor, name: str) -> torch.Tensor:
-    """PIL 'L' conversion (unrounded) as [B,1,H,W]."""
-    c = images.shape[1]
-    if c == 1:
-        return images
-    if c == 3:
-        wr, wg, wb = _GRAY_WEIGHTS
-        return images[:, 0:1] * wr + images[:, 1:2] * wg + images[:, 2:3] * wb
-    raise ValueError(f"{name} needs 1 or 3 channels, got {c}")
+def _to_u8(images: torch.Tensor) -> torch.Tensor:
+    """[0,1] images as PIL's 8-bit levels (int32), rounded half up: exact on k/255 inputs."""
+    return torch.floor(images.to(torch.float64) * 255.0 + 0.5).clamp(0, 255).to(torch.int32)
 
 
-def _blend(degenerate: torch.Tensor, images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """PIL ``Image.blend(degenerate, image, factor)`` in float, clipped to [0, 1]."""
-    f = factor.view(-1, 1, 1, 1)
-    return (degenerate + f * (images - degenerate)).clamp(0.0, 1.0)
+def _from_u8(levels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """8-bit levels back to [0,1] in ``like``'s dtype, as ``ToTensor`` divides them."""
+    return levels.to(like.dtype) / 255.0
 
 
-def _filter_keep_border(images: torch.Tensor, kernel, scale: float) -> torch.Tensor:
-    """PIL ``ImageFilter`` built-in kernel: interior convolved, border pixels left unchanged."""
-    b, c, h, w = images.shape
+def _check_bands(images: torch.Tensor, name: str) -> None:
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"{name} needs 1 or 3 channels, got {images.shape[1]}")
+
+
+def _gray_u8(q: torch.Tensor) -> torch.Tensor:
+    """PIL's RGB -> L conversion, [B,1,H,W] levels: (19595 R + 38470 G + 7471 B + 0x8000) >> 16
+    (an L image is its own grey)."""
+    if q.shape[1] == 1:
+        return q
+    weighted = q[:, 0:1] * 19595 + q[:, 1:2] * 38470 + q[:, 2:3] * 7471 + 0x8000
+    return torch.div(weighted, 65536, rounding_mode="floor")
+
+
+def _alpha(magnitudes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """PIL's blend factor ``1 + m``: a Python float (float64) read by libImaging as a C float."""
+    return (1.0 + magnitudes.to(torch.float64)).to(device=device, dtype=torch.float32)
+
+
+def _blend_u8(degenerate: torch.Tensor, images: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """PIL ``Image.blend(degenerate, image, alpha)``: ``(UINT8)(in1 + alpha * (in2 - in1))`` in
+    float32, clipped to 0..255 (alpha 0 and 1 copy an input, as PIL's shortcuts do)."""
+    a = alpha.view(-1, 1, 1, 1)
+    low = degenerate.expand_as(images)
+    step = a * (images - low).to(torch.float32)  # product, then sum: two float32 roundings
+    mixed = torch.trunc((low.to(torch.float32) + step).clamp(0.0, 255.0)).to(torch.int32)
+    mixed = torch.where(a == 0.0, low, mixed)
+    return torch.where(a == 1.0, images, mixed)
+
+
+def _filter_u8(q: torch.Tensor, kernel, scale: float) -> torch.Tensor:
+    """PIL ``ImageFilter`` built-in kernel on levels: border pixels copied, interior
+    ``clip8(0.5 + sum of rows)`` in float32, each row ``in[x-r] * k[0] + ... + in[x+r] * k[-1]``
+    summed left to right, the kernel's first row applied to row y+r (libImaging's Filter.c)."""
+    b, c, h, w = q.shape
     k = len(kernel)
     r = k // 2
     if h < k or w < k:  # PIL returns a copy when the image is smaller than the kernel
-        return images.clone()
-    weight = torch.tensor(kernel, dtype=images.dtype, device=images.device) / scale
-    inner = F.conv2d(images.reshape(b * c, 1, h, w), weight.view(1, 1, k, k)).view(
-        b, c, h - 2 * r, w - 2 * r
-    )
-    out = images.clone()
-    out[:, :, r : h - r, r : w - r] = inner.clamp(0.0, 1.0)
+        return q.clone()
+    weights = torch.tensor(kernel, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32)
+    weights = weights.to(q.device)
+    x = q.to(torch.float32)
+    ss = torch.full((b, c, h - 2 * r, w - 2 * r), 0.5, dtype=torch.float32, device=q.device)
+    for j in range(k):
+        row = x[:, :, 2 * r - j : h - j, :]  # in[y + r - j] for the interior rows y
+        term = row[..., 0 : w - 2 * r] * weights[j, 0]
+        for i in range(1, k):
+            term = term + row[..., i : w - 2 * r + i] * weights[j, i]
+        ss = ss + term
+    out = q.clone()
+    out[:, :, r : h - r, r : w - r] = torch.trunc(ss.clamp(0.0, 255.0)).to(torch.int32)
     return out
 
 
-def _contrast_degenerate(images: torch.Tensor) -> torch.Tensor:
-    """PIL Contrast: ``int(mean(L) + 0.5)`` of the 8-bit grayscale image, as [B,1,1,1]."""
-    _gray(images, "Contrast")  # channel check
-    q = torch.floor(images.to(torch.float64) * 255.0 + 0.5).clamp(0, 255)
-    if q.shape[1] == 3:  # PIL: L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16
-        q = torch.floor((q[:, 0] * 19595 + q[:, 1] * 38470 + q[:, 2] * 7471 + 32768) / 65536)
-    mean = q.mean(dim=tuple(range(1, q.ndim)))
-    return (torch.floor(mean + 0.5) / 255.0).to(images.dtype).view(-1, 1, 1, 1)
+def _contrast_degenerate(q: torch.Tensor) -> torch.Tensor:
+    """PIL Contrast's grey level ``int(mean(L) + 0.5)`` of the 8-bit grey image, [B,1,1,1]."""
+    mean = _gray_u8(q).to(torch.float64).mean(dim=(1, 2, 3))
+    return torch.floor(mean + 0.5).to(torch.int32).view(-1, 1, 1, 1)
 
 
-def _autocontrast(images: torch.Tensor) -> torch.Tensor:
-    lo = images.amin(dim=(2, 3), keepdim=True)
-    hi = images.amax(dim=(2, 3), keepdim=True)
+def _autocontrast_u8(q: torch.Tensor) -> torch.Tensor:
+    """PIL ``ImageOps.autocontrast`` (cutoff 0) per channel: lut[i] = int(i * scale + offset)
+    clipped to 0..255, scale = 255 / (hi - lo), offset = -lo * scale (float64); identity where
+    hi <= lo."""
+    b, c, h, w = q.shape
+    flat = q.reshape(b * c, h * w)
+    lo, hi = torch.aminmax(flat, dim=1)
+    lo, hi = lo.to(torch.float64).view(-1, 1), hi.to(torch.float64).view(-1, 1)
     span = hi - lo
     ok = span > 0
-    out = (images - lo) / torch.where(ok, span, torch.ones_like(span))
-    return torch.where(ok, out.clamp(0.0, 1.0), images)
+    # a true division (``255.0 / tensor`` would multiply by a rounded reciprocal)
+    scale = torch.full_like(span, 255.0) / torch.where(ok, span, torch.ones_like(span))
+    offset = -lo * scale
+    levels = torch.arange(256, device=q.device, dtype=torch.float64).view(1, 256)
+    lut = torch.trunc(levels * scale + offset).clamp(0, 255).to(torch.int32)
+    lut = torch.where(ok, lut, levels.to(torch.int32))
+    return lut.gather(1, flat.to(torch.int64)).view(b, c, h, w)
 
 
-def _equalize(images: torch.Tensor) -> torch.Tensor:
-    """PIL ``ImageOps.equalize`` per channel on 256 levels (input rounded half up to k/255)."""
-    b, c, h, w = images.shape
-    q = torch.floor(images * 255.0 + 0.5).clamp(0, 255).to(torch.int64).reshape(b * c, h * w)
-    hist = torch.zeros(b * c, 256, dtype=torch.int64, device=images.device)
-    hist.scatter_add_(1, q, torch.ones_like(q))
-    levels = torch.arange(256, device=images.device)
+def _equalize_u8(q: torch.Tensor) -> torch.Tensor:
+    """PIL ``ImageOps.equalize`` per channel on levels."""
+    b, c, h, w = q.shape
+    flat = q.reshape(b * c, h * w).to(torch.int64)
+    hist = torch.zeros(b * c, 256, dtype=torch.int64, device=q.device)
+    hist.scatter_add_(1, flat, torch.ones_like(flat))
+    levels = torch.arange(256, device=q.device)
     occupied = hist > 0
     last = torch.where(occupied, levels, -1).amax(dim=1, keepdim=True)  # last non-empty level
     h_last = hist.gather(1, last.clamp(min=0))
@@ -374,9 +388,33 @@ def _equalize(images: torch.Tensor) -> torch.Tensor:
     identity = (occupied.sum(dim=1, keepdim=True) <= 1) | (step == 0)
     n = step // 2 + torch.cumsum(hist, dim=1) - hist  # PIL: lut[i] = n // step
     lut = torch.div(n, torch.where(identity, torch.ones_like(step), step), rounding_mode="floor")
-    lut = lut.clamp(0, 255)
-    mapped = (lut.gather(1, q).to(images.dtype) / 255.0).view(b, c, h, w)
-    return torch.where(identity.view(b, c, 1, 1), images, mapped)
+    lut = torch.where(identity, levels.view(1, 256), lut.clamp(0, 255))
+    return lut.gather(1, flat).to(torch.int32).view(b, c, h, w)
+
+
+def _photometric(name: str, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Transform ``name`` of [0,1] images ``x`` (magnitudes ``m`` [B]) as PIL computes it."""
+    _check_bands(x, name)
+    q = _to_u8(x)
+    if name in ("Brightness", "Color", "Contrast", "Sharpness"):
+        if name == "Brightness":
+            degenerate = torch.zeros_like(q)
+        elif name == "Color":
+            degenerate = _gray_u8(q)
+        elif name == "Contrast":
+            degenerate = _contrast_degenerate(q)
+        else:
+            degenerate = _filter_u8(q, _SMOOTH_KERNEL, _SMOOTH_SCALE)
+        out = _blend_u8(degenerate, q, _alpha(m, q.device))
+    elif name == "AutoContrast":
+        out = _autocontrast_u8(q)
+    elif name == "Equalize":
+        out = _equalize_u8(q)
+    elif name == "Blur":
+        out = _filter_u8(q, _BLUR_KERNEL, _BLUR_SCALE)
+    else:  # Smooth
+        out = _filter_u8(q, _SMOOTH_KERNEL, _SMOOTH_SCALE)
+    return _from_u8(out, x)
 
 
 # --------------------------------------------------------------------------- public API
@@ -414,26 +452,7 @@ def apply(
         return torch.flip(x, dims=(3,))
     if name == "FlipUD":
         return torch.flip(x, dims=(2,))
-    factor = (1.0 + m).to(x.device, x.dtype)
-    if name == "Brightness":
-        return _blend(torch.zeros_like(x), x, factor)
-    if name == "Color":
-        if x.shape[1] == 1:
-            return x.clone()
-        return _blend(_gray(x, name).expand_as(x), x, factor)
-    if name == "Contrast":
-        return _blend(_contrast_degenerate(x).expand_as(x), x, factor)
-    if name == "Sharpness":
-        return _blend(_filter_keep_border(x, _SMOOTH_KERNEL, _SMOOTH_SCALE), x, factor)
-    if name == "AutoContrast":
-        return _autocontrast(x)
-    if name == "Equalize":
-        return _equalize(x)
-    if name == "Blur":
-        return _filter_keep_border(x, _BLUR_KERNEL, _BLUR_SCALE)
-    if name == "Smooth":
-        return _filter_keep_border(x, _SMOOTH_KERNEL, _SMOOTH_SCALE)
-    raise AssertionError(name)  # pragma: no cover
+    return _photometric(name, x, m)
 
 
 def invert(
