@@ -282,22 +282,31 @@ def test_blur_matches_scipy_gaussian_filter():
 
 
 def test_guided_ig_attribution_matches_pair(pair):
-    """The sequential path itself, step for step, on float64 state (before post-processing)."""
+    """The sequential path itself, step for step, on float64 state (before post-processing).
+
+    Each step's gradient picks the next step's features, so float32 gradient differences
+    compound: one image at a time (PAIR's calls) the model sees the same batches as PAIR's and
+    the path is identical; batched, the convolutions may round differently (seen with torch
+    2.14 on an AMD EPYC: 5% apart in the attribution sum, Pearson 0.9997)."""
     from cose.saliency import guided_ig
 
     model = _resnet18()
     x = _inputs(2, 32, seed=41)
     t = torch.tensor([1, 6])
-    ours = guided_ig.attribution(model, x, t, 9, steps=20, fraction=0.25, max_dist=0.02,
-                                 batch_size=8).permute(0, 2, 3, 1).numpy()
+    batched = guided_ig.attribution(model, x, t, 9, steps=20, fraction=0.25, max_dist=0.02,
+                                    batch_size=8).permute(0, 2, 3, 1).numpy()
     for i in range(2):
+        ours = guided_ig.attribution(model, x[i : i + 1], t[i : i + 1], 9, steps=20,
+                                     fraction=0.25, max_dist=0.02, batch_size=8)
+        ours = ours[0].permute(1, 2, 0).numpy()
         xi = x[i].permute(1, 2, 0).numpy()
         ref = pair.GuidedIG().GetMask(
             xi, _call_model_function(model, pair), {"target": int(t[i])},
             x_baseline=np.zeros_like(xi), x_steps=20, fraction=0.25, max_dist=0.02)
-        assert pearson(ours[i], ref) > 0.999
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-8)
         # the path integral telescopes: sum of attributions ~ p(x) - p(baseline)
-        np.testing.assert_allclose(ours[i].sum(), ref.sum(), rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(ours.sum(), ref.sum(), rtol=1e-5, atol=1e-8)
+        assert pearson(batched[i], ref) > 0.99
 
 
 def test_smoothgrad_parity_with_pair_many_samples(pair):
