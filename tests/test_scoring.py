@@ -251,7 +251,7 @@ LAYOUT = {
 @pytest.mark.parametrize("seed", [0, 1])
 def test_compile_reference_outputs_matches_reference(tmp_path, seed):
     frames = write_reference_tree(tmp_path / "outputs", np.random.default_rng(seed), LAYOUT)
-    summary = S.compile_reference_outputs(tmp_path / "outputs")
+    summary = S.compile_reference_outputs(tmp_path / "outputs", files="all")
     assert len(summary) == len(LAYOUT)
     assert list(summary.columns[:3]) == ["saliency_method", "dataset", "model"]
     for (method_dir, dataset, model), df in frames.items():
@@ -264,13 +264,13 @@ def test_compile_reference_outputs_matches_reference(tmp_path, seed):
         assert len(row) == 1
         assert_metrics_equal(row.iloc[0].to_dict(), reference_aggregate(df))
     # the parent folder holding outputs/ works too
-    again = S.compile_reference_outputs(tmp_path)
+    again = S.compile_reference_outputs(tmp_path, files="all")
     pd.testing.assert_frame_equal(summary, again)
 
 
 def test_read_reference_outputs_table(tmp_path):
     write_reference_tree(tmp_path, np.random.default_rng(0), LAYOUT)
-    pairs = S.read_reference_outputs(tmp_path)
+    pairs = S.read_reference_outputs(tmp_path, files="all")
     assert list(pairs.columns) == list(S.PAIR_COLUMNS)
     assert set(pairs.saliency_method) == {"gradcam", "gradcampp", "ig", "lime"}
     assert pairs.test_idx.dtype == np.int64 and pairs.ssim.dtype == float
@@ -283,7 +283,7 @@ def test_read_reference_outputs_table(tmp_path):
 def test_reference_csv_with_index_column_nan_and_spaces(tmp_path):
     folder = tmp_path / "gradcam" / "eurosat" / "convnext"
     folder.mkdir(parents=True)
-    (folder / "results_0_2.csv").write_text(
+    (folder / "results_0_500.csv").write_text(
         ",test_idx,target_class,pred_class,transform_type,tranform_magnitude,t_pred_class,ssim,spearman\n"
         "0,0,3,3,Rotate,4.5,3,0.5,0.4\n"
         "1,0,3,3, Blur,0.0,3,,\n"
@@ -297,7 +297,7 @@ def test_reference_csv_with_index_column_nan_and_spaces(tmp_path):
     assert out["overall_fidelity"] == 0.25
 
 
-def write_one(tmp_path: Path, text: str, method="gradcam", name="results_0_10.csv") -> Path:
+def write_one(tmp_path: Path, text: str, method="gradcam", name="results_0_500.csv") -> Path:
     folder = tmp_path / method / "cifar10" / "resnet50"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -313,29 +313,25 @@ GOOD_ROW = "0,1,1,Rotate,4.5,1,0.5,0.3\n"
     [
         (
             "test_idx,target_class,pred_class,transform_type,t_pred_class,ssim,spearman\n0,1,1,Rotate,1,0.5,0.3\n",
-            r"results_0_10\.csv: missing columns \['tranform_magnitude'\]",
+            r"results_0_500\.csv: missing columns \['tranform_magnitude'\]",
         ),
         (
             REF_HEADER + "\n" + GOOD_ROW + "1,1,1,Rotate,4.5,1,high,0.3\n",
-            r"results_0_10\.csv: line 3: column 'ssim' must be a number, got 'high'",
-        ),
-        (
-            REF_HEADER + "\n" + GOOD_ROW + "1,one,1,Rotate,4.5,1,0.5,0.3\n",
-            r"line 3: column 'target_class' must be an integer, got 'one'",
+            r"results_0_500\.csv: line 3: column 'ssim' must be a number in \[-1, 1\]",
         ),
         (
             REF_HEADER + "\n" + "1.5,1,1,Rotate,4.5,1,0.5,0.3\n",
-            r"line 2: column 'test_idx' must be an integer, got '1.5'",
+            r"line 2: column 'test_idx' must be an integer >= 0, got '1.5'",
         ),
         (
             REF_HEADER + "\n" + GOOD_ROW + "1,1,,Rotate,4.5,1,0.5,0.3\n",
-            r"line 3: column 'pred_class' must be an integer, got nan",
+            r"line 3: column 'pred_class' must be a class name or index, got ''",
         ),
         (
             REF_HEADER + "\n" + GOOD_ROW + GOOD_ROW + "1,1,1,Shear,4.5,1,0.5,0.3\n",
             r"line 4: unknown transform_type 'Shear'",
         ),
-        ("", r"results_0_10\.csv: empty file"),
+        ("", r"results_0_500\.csv: empty file"),
     ],
 )
 def test_reference_bad_input_names_file_and_line(tmp_path, text, pattern):
@@ -367,8 +363,119 @@ def test_duplicate_records_warn(tmp_path):
     write_one(tmp_path, REF_HEADER + "\n" + GOOD_ROW, name="results_0_10.csv")
     write_one(tmp_path, REF_HEADER + "\n" + GOOD_ROW, name="results_0_5.csv")
     with pytest.warns(UserWarning, match="1 duplicate records"):
-        pairs = S.read_reference_outputs(tmp_path)
+        pairs = S.read_reference_outputs(tmp_path, files="all")
     assert len(pairs) == 2
+
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                 "ship", "truck"]
+# the reference's folders: (method folder, model folder) -> its one compiled file
+OFFICIAL = {
+    ("gradcam", "convnext_small"): "results_0_500.csv",
+    ("gradcam", "ResNet50"): "results_0_500.csv",
+    ("gradcam", "Swin_T_14"): "results_0_500.csv",
+    ("gradcam", "ViT_B_16"): "results_0_500.csv",
+    ("gradcam", "DINO_ViT_B_16"): "results_0_500.csv",
+    ("gradcamPP", "ResNet50"): "results_0_500.csv",
+    ("lime", "ResNet50"): "results_0_50.csv",
+    ("smoothgrad", "iBOT_Swin_T_14"): "results_0_50.csv",
+}
+
+
+def write_official_tree(root: Path, seed: int, names: bool = True) -> dict:
+    """Result files as the reference's explain writes them: class NAMES, its model and method
+    folder names, NaN SSIMs in some files, and stray files its compile does not read."""
+    rng = np.random.default_rng(seed)
+    frames = {}
+    for (method_dir, model), fname in OFFICIAL.items():
+        df = synthetic_records(rng, n_images=8)
+        if method_dir in ("gradcamPP", "smoothgrad"):  # constant maps: NaN SSIMs
+            df.loc[rng.choice(len(df), 5, replace=False), "ssim"] = np.nan
+        frames[(method_dir, model)] = df.copy()
+        if names:
+            for c in ("target_class", "pred_class", "t_pred_class"):
+                df[c] = [CIFAR10_NAMES[i] for i in df[c]]
+        folder = root / method_dir / "cifar10" / model
+        folder.mkdir(parents=True, exist_ok=True)
+        df.to_csv(folder / fname, index=False)
+    stray = synthetic_records(rng, n_images=3)
+    stray.to_csv(root / "gradcam" / "cifar10" / "ResNet50" / "results_0_10.csv", index=False)
+    stray.to_csv(root / "lime" / "cifar10" / "ResNet50" / "results_0_500.csv", index=False)
+    return frames
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_official_tree_class_names_and_nan_reference(tmp_path, seed):
+    frames = write_official_tree(tmp_path / "outputs", seed)
+    with pytest.warns(UserWarning, match=r"2 result file\(s\) not read.*results_0_10\.csv"):
+        summary = S.compile_reference_outputs(tmp_path / "outputs", nan="reference")
+    assert len(summary) == len(OFFICIAL)
+    for (method_dir, model), df in frames.items():
+        row = summary[(summary.saliency_method == S.REFERENCE_METHOD_DIRS[method_dir])
+                      & (summary.model == model)].iloc[0]
+        assert_metrics_equal(row.to_dict(), reference_aggregate(df))  # NaN where it is NaN
+    nan_cose = summary[summary.saliency_method.isin(["gradcampp", "smoothgrad"])]["cose"]
+    assert nan_cose.isna().all()
+    # the project's rule leaves the NaN pairs out instead, and says how many
+    with pytest.warns(UserWarning):
+        skip = S.compile_reference_outputs(tmp_path / "outputs")
+    row = skip[skip.saliency_method == "gradcampp"].iloc[0]
+    assert np.isfinite(row["cose"]) and row["n_nan_ssim"] > 0
+    # names or indices: the same numbers
+    write_official_tree(tmp_path / "idx", seed, names=False)
+    with pytest.warns(UserWarning):
+        by_index = S.compile_reference_outputs(tmp_path / "idx", nan="reference")
+    pd.testing.assert_frame_equal(summary, by_index)
+    with pytest.warns(UserWarning):
+        pairs = S.read_reference_outputs(tmp_path / "outputs")
+    assert pairs.attrs["class_names"]["cifar10"] == sorted(CIFAR10_NAMES[:5])  # those seen
+    assert pairs.target_class.dtype == np.int64
+
+
+def test_official_tree_published_table_layout(tmp_path):
+    write_official_tree(tmp_path, 0)
+    with pytest.warns(UserWarning):
+        summary = S.compile_reference_outputs(tmp_path, nan="reference")
+    table = S.published_table_markdown(summary).strip().splitlines()
+    assert table[0] == ("| **Dataset** | **Model** | **BlurIG** | **GradCAM** | **GradCAM++** | "
+                        "**GuidedIG** | **IG** | **LIME** | **SmoothGrad** |")
+    models = [ln.split("|")[2].strip() for ln in table[2:-1]]
+    assert models == ["**ConvNext**", "**ResNet50**", "**Swin-T**", "**ViT**"]
+    assert table[2].startswith("| **CIFAR10** | **ConvNext** | n/a | ")
+    assert table[-1].startswith("|  |  | n/a | **")  # the mean row
+    # every table spells the reference's folders the published way
+    full = S.paper_table_markdown(summary)
+    for name in ("ConvNext", "Swin-T", "ViT", "DINO ViT", "iBOT Swin-T"):
+        assert f"**{name}**" in full
+    assert "Swin_T_14" not in full and "convnext_small" not in full
+    assert S.published_table_markdown(summary[summary.model == "DINO_ViT_B_16"]) is None
+
+
+@pytest.mark.parametrize(
+    "row, pattern",
+    [
+        ("0,1,1,Rotate,4.5,1,5,0.3\n", r"column 'ssim' must be a number in \[-1, 1\].*'5'"),
+        ("0,1,1,Rotate,4.5,1,inf,0.3\n", r"column 'ssim' must be a number in \[-1, 1\]"),
+        ("0,1,1,Rotate,4.5,1,0.5,-1.5\n", r"column 'spearman' must be a number in \[-1, 1\]"),
+        ("-3,1,1,Rotate,4.5,1,0.5,0.3\n", r"column 'test_idx' must be an integer >= 0"),
+        ("0,-1,1,Rotate,4.5,1,0.5,0.3\n", r"column 'target_class' must be a class index >= 0"),
+        ("0,1,1,Rotate,inf,1,0.5,0.3\n", r"column 'tranform_magnitude' must be finite"),
+        ("", r"no records \(a header only\)"),
+    ],
+)
+def test_reference_values_range_checked(tmp_path, row, pattern):
+    write_one(tmp_path, REF_HEADER + "\n" + row)
+    with pytest.raises(ValueError, match=pattern):
+        S.read_reference_outputs(tmp_path)
+
+
+def test_only_stray_files_is_an_error_naming_the_way_out(tmp_path):
+    write_one(tmp_path, REF_HEADER + "\n" + GOOD_ROW, name="results_0_10.csv")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="files='all'"):
+        S.read_reference_outputs(tmp_path)
+    assert len(S.read_reference_outputs(tmp_path, files="all")) == 1
+    with pytest.raises(ValueError, match="nan: got 'drop'; allowed: skip, reference"):
+        S.compile_reference_outputs(tmp_path, nan="drop", files="all")
 
 
 # --------------------------------------------------------------------------- table, files

@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="compile result CSVs in the reference code's layout "
                                 "(outputs/<method>/<dataset>/<model>/results_*.csv) instead")
             p.add_argument("--out", default=None, help="output folder with --reference-outputs")
+            p.add_argument("--nan", choices=("skip", "reference"), default=None,
+                           help="NaN similarities: skip (leave them out of the means and count "
+                                "them) or reference (plain means: one NaN makes the metric NaN, "
+                                "as the reference's compile); default: compile.nan (skip)")
+            p.add_argument("--files", choices=("reference", "all"), default="reference",
+                           help="with --reference-outputs: only the file the reference's "
+                                "compile reads per folder (results_0_500.csv / results_0_50.csv, "
+                                "default; others are named in a warning) or every results_*.csv")
 
     rep = sub.add_parser(
         "report", help="rebuild results/report.html, figures and plot data from the per-pair "
@@ -161,9 +169,11 @@ def _run(args: argparse.Namespace) -> int:
         from cose import scoring
 
         out = Path(args.out or "results")
-        summary = scoring.compile_reference_outputs(args.reference_outputs)
-        scoring.write_summary(summary, out)
-        print(scoring.paper_table_markdown(summary))
+        nan = args.nan or (_load(args).compile.nan if Path(args.params).exists() else "skip")
+        summary = scoring.compile_reference_outputs(args.reference_outputs, nan=nan,
+                                                    files=args.files)
+        paths = scoring.write_summary(summary, out)
+        print(Path(paths.get("table1", paths["table"])).read_text())
         return 0
 
     if args.command == "remote":
@@ -273,7 +283,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     for r in table.to_dict("records"):
         pct = [("n/a" if r[k] != r[k] else f"{100 * r[k]:.2f}%")
                for k in ("overall_consistency", "sensitivity", "cose")]
-        rows.append(f"| {scoring.METHOD_DISPLAY.get(r['saliency_method'], r['saliency_method'])}"
+        rows.append(f"| {scoring.method_display(r['saliency_method'])}"
                     f" | {' | '.join(pct)} | {r['n_pairs']} | {r['n_misclassified']} |")
     first = result.pairs.groupby("test_idx")[["pred_class", "target_class"]].first()
     acc = float((first["pred_class"] == first["target_class"]).mean())
@@ -286,7 +296,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one `cose: warning: ...` line (no source location) on the command line."""
+    return f"cose: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _warning_line
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -17,17 +17,17 @@ from typing import Any
 
 import yaml
 
+from cose import spec
+
 
 class ConfigError(ValueError):
     """A bad parameter: the message names the key, the value and what is allowed."""
 
 
-METHODS = ("gradcam", "gradcampp", "ig", "smoothgrad", "blur_ig", "guided_ig", "lime")
-PRECISIONS = ("fp32", "tf32", "bf16")  # cose.precision.PRECISIONS (no torch import here)
-TRANSFORM_NAMES = (
-    "TranslateX", "TranslateY", "Rotate", "FlipLR", "FlipUD",
-    "Brightness", "Color", "Contrast", "Sharpness", "AutoContrast", "Equalize", "Blur", "Smooth",
-)
+# the names live in cose.spec (torch-free); registered plugin methods are accepted too
+METHODS = spec.BUILTIN_METHODS
+PRECISIONS = spec.PRECISIONS
+TRANSFORM_NAMES = spec.TRANSFORMS
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,9 @@ class ExplainConfig:
 @dataclass(frozen=True)
 class CompileConfig:
     drop_misclassified: bool = True
+    # NaN similarities (both maps constant): skip = left out of the means and counted (the
+    # project's rule); reference = plain means, one NaN makes the metric NaN (the reference's)
+    nan: str = "skip"
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,7 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
     """Range and name checks that go beyond types."""
     if cfg.seed < 0:
         raise ConfigError(f"seed: got {cfg.seed!r}, expected >= 0")
-    _check_names("methods", cfg.methods, METHODS)
+    _check_names("methods", cfg.methods, spec.methods())
     if check_registries:
         from cose import data as data_registry
         from cose import models as model_registry
@@ -267,8 +270,8 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
     _check_positive("explain.images", e.images)
     for method, n in e.images_by_method.items():
         key = f"explain.images_by_method.{method}"
-        if method not in METHODS:
-            raise ConfigError(f"{key}: unknown method; allowed: {', '.join(METHODS)}")
+        if not spec.is_method(method):
+            raise ConfigError(f"{key}: unknown method; allowed: {', '.join(spec.methods())}")
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= e.images:
             raise ConfigError(f"{key}: got {n!r}, expected an integer in 1..explain.images "
                               f"({e.images}): the first N of the explain images")
@@ -285,22 +288,22 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
             f"explain.precision: got {e.precision!r}; allowed: {', '.join(PRECISIONS)}"
         )
     for method, settings in e.settings.items():
-        if method not in METHODS:
+        if not spec.is_method(method):
             raise ConfigError(
-                f"explain.settings.{method}: unknown method; allowed: {', '.join(METHODS)}"
+                f"explain.settings.{method}: unknown method; allowed: {', '.join(spec.methods())}"
             )
         if not isinstance(settings, dict):
             raise ConfigError(f"explain.settings.{method}: got {settings!r}, expected a mapping")
-        if check_registries:
-            from cose import saliency
-
-            allowed = saliency.defaults(method)
-            for name in settings:
-                if name not in allowed:
-                    raise ConfigError(
-                        f"explain.settings.{method}.{name}: unknown setting; "
-                        f"allowed: {', '.join(sorted(allowed))}"
-                    )
+        try:  # each setting against the method's typed defaults and bounds
+            spec.check_settings(method, settings)
+        except spec.SettingError as exc:
+            if exc.key is None:
+                raise ConfigError(f"explain.settings.{method}.{exc.value.split(', ')[0]}: "
+                                  f"unknown setting; allowed: {exc.expected}") from None
+            raise ConfigError(f"explain.settings.{method}.{exc.key}: got {exc.value!r}, "
+                              f"expected {exc.expected}") from None
+    if cfg.compile.nan not in ("skip", "reference"):
+        raise ConfigError(f"compile.nan: got {cfg.compile.nan!r}; allowed: skip, reference")
     _check_positive("tracking.retries", cfg.tracking.retries, allow_zero=True)
     _check_positive("tracking.backoff_s", cfg.tracking.backoff_s, allow_zero=True)
     return cfg

@@ -26,12 +26,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from cose.spec import PRECISIONS  # the names live in cose.spec
+
 __all__ = [
     "PRECISIONS", "VALIDATED", "Autocast", "check", "flags", "unvalidated", "warning", "wrap",
 ]
 
-PRECISIONS = ("fp32", "tf32", "bf16")
-CAM_METHODS = ("gradcam", "gradcampp")
 
 #: (precision, method) pairs measured on a GPU to keep every map within Pearson 0.99 of fp32
 #: (`benchmarks/explain_gpu.py`'s recommendations, docs/gpu.md). Empty until a device check has

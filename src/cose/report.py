@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from cose import scoring
+from cose import scoring, spec
 from cose import transforms as T
 
 __all__ = [
@@ -101,12 +101,11 @@ def figure_png(fig, dpi: int = 100) -> bytes:
 
 def _methods(values: Sequence[str]) -> list[str]:
     present = list(dict.fromkeys(values))
-    order = [m for m in scoring.METHOD_ORDER if m in present]
-    return order + sorted((m for m in present if m not in scoring.METHOD_ORDER), key=str)
+    return spec.method_order(present)
 
 
 def _display(method: str) -> str:
-    return scoring.METHOD_DISPLAY.get(method, str(method))
+    return spec.method_display(method)
 
 
 # --------------------------------------------------------------------------- data

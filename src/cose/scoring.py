@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cose import spec
 from cose.columns import GROUP_COLUMNS, PAIR_COLUMNS
-from cose.transforms import GEOMETRIC, PHOTOMETRIC, TRANSFORMS
+from cose.spec import GEOMETRIC, PHOTOMETRIC, TRANSFORMS
 
 __all__ = [
     "METRICS",
@@ -39,8 +40,8 @@ __all__ = [
     "GROUP_COLUMNS",
     "REFERENCE_COLUMNS",
     "REFERENCE_METHOD_DIRS",
-    "METHOD_ORDER",
-    "METHOD_DISPLAY",
+    "NAN_RULES",
+    "method_display",
     "transform_family",
     "score",
     "summarize",
@@ -49,6 +50,7 @@ __all__ = [
     "read_reference_outputs",
     "compile_reference_outputs",
     "paper_table_markdown",
+    "published_table_markdown",
     "write_summary",
     "display_dataset",
     "display_model",
@@ -78,73 +80,17 @@ REFERENCE_COLUMNS: tuple[str, ...] = (
     "ssim",
     "spearman",
 )
-REFERENCE_METHOD_DIRS: dict[str, str] = {
-    "blur_ig": "blur_ig",
-    "gradcam": "gradcam",
-    "gradcamPP": "gradcampp",
-    "guided_ig": "guided_ig",
-    "ig": "ig",
-    "lime": "lime",
-    "smoothgrad": "smoothgrad",
-}
-METHOD_ORDER: tuple[str, ...] = (
-    "blur_ig",
-    "gradcam",
-    "gradcampp",
-    "guided_ig",
-    "ig",
-    "lime",
-    "smoothgrad",
-)
-METHOD_DISPLAY: dict[str, str] = {
-    "blur_ig": "BlurIG",
-    "gradcam": "GradCAM",
-    "gradcampp": "GradCAM++",
-    "guided_ig": "GuidedIG",
-    "ig": "IG",
-    "lime": "LIME",
-    "smoothgrad": "SmoothGrad",
-}
-_DATASET_DISPLAY = {
-    "caltech101": "Caltech101",
-    "cifar10": "CIFAR10",
-    "cub200": "CUB200",
-    "cub": "CUB200",
-    "eurosat": "EuroSAT",
-    "oxford102": "Oxford102",
-    "digits": "Digits",
-}
-_MODEL_DISPLAY = {
-    "convnext": "ConvNext",
-    "convnexts": "ConvNext-S",
-    "convnextsmall": "ConvNext-S",
-    "resnet50": "ResNet50",
-    "resnet101": "ResNet101",
-    "swint": "Swin-T",
-    "swin": "Swin-T",
-    "vit": "ViT",
-    "vitb16": "ViT-B/16",
-    "vitl16": "ViT-L/16",
-    "vgg16": "VGG16",
-    "densenet121": "DenseNet121",
-}
+#: the reference's outputs/<folder> -> method (``gradcamPP`` -> ``gradcampp``)
+REFERENCE_METHOD_DIRS: dict[str, str] = spec.reference_method_dirs()
+NAN_RULES: tuple[str, ...] = ("skip", "reference")
+REFERENCE_FILES: tuple[str, ...] = ("reference", "all")
 _MIDCKPT = re.compile(r"^mid_ckpt(_[A-Za-z0-9]+)*$")
 _RESULTS_NAME = re.compile(r"^results_(\d+)_(\d+)\.csv$")
 _FAMILIES = ("geometric", "photometric", "random", "mid_ckpt")
 
-
-def _key(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", str(name).lower())
-
-
-def display_dataset(name: str) -> str:
-    """Paper spelling of a dataset name (``cifar10`` -> ``CIFAR10``); unknown names unchanged."""
-    return _DATASET_DISPLAY.get(_key(name), str(name))
-
-
-def display_model(name: str) -> str:
-    """Paper spelling of a model name (``swin_t`` -> ``Swin-T``); unknown names unchanged."""
-    return _MODEL_DISPLAY.get(_key(name), str(name))
+display_dataset = spec.display_dataset
+display_model = spec.display_model
+method_display = spec.method_display
 
 
 def transform_family(name: str) -> str:
@@ -224,14 +170,25 @@ def _combine(consistency: float, sensitivity: float) -> tuple[float, float]:
     return cose, hmean
 
 
-def score(pairs: pd.DataFrame, column: str = "ssim") -> dict[str, float]:
+def _check_nan_rule(nan: str) -> str:
+    if nan not in NAN_RULES:
+        raise ValueError(f"nan: got {nan!r}; allowed: {', '.join(NAN_RULES)} (skip: NaN "
+                         "similarities are left out of the means and counted; reference: plain "
+                         "means, as the reference's compile takes them)")
+    return nan
+
+
+def score(pairs: pd.DataFrame, column: str = "ssim", nan: str = "skip") -> dict[str, float]:
     """Every metric of REFERENCE.md from one per-pair table (one method/dataset/model).
 
-    Returns the :data:`METRICS` plus ``n_<metric>`` for the ten means (non-NaN rows behind
-    each), ``n_nan_<column>`` (NaN rows that would have entered a mean), ``n_pairs`` and
+    Returns the :data:`METRICS` plus ``n_<metric>`` for the ten means (the rows behind each),
+    ``n_nan_<column>`` (NaN rows that would have entered a mean), ``n_pairs`` and
     ``n_misclassified`` (rows dropped because target != pred). ``column`` picks the similarity
-    (``ssim``, the reference's choice, or ``spearman``).
+    (``ssim``, the reference's choice, or ``spearman``). ``nan``: ``skip`` (default) leaves NaN
+    similarities (both maps constant) out of every mean; ``reference`` takes plain means as
+    the reference's compile does, so one NaN makes that metric (and COSE) NaN.
     """
+    _check_nan_rule(nan)
     _require(
         pairs,
         ("target_class", "pred_class", "transform_type", "t_pred_class", column),
@@ -247,8 +204,9 @@ def score(pairs: pd.DataFrame, column: str = "ssim") -> dict[str, float]:
     sel = _selections(kept)
     for metric in MEAN_METRICS:
         v = values[sel[metric]]
-        v = v[v.notna()]
-        out[metric] = float(v.mean()) if len(v) else float("nan")
+        if nan == "skip":
+            v = v[v.notna()]
+        out[metric] = float(v.to_numpy().mean()) if len(v) else float("nan")
         out[f"n_{metric}"] = int(len(v))
     out["sensitivity"] = 1.0 - out["overall_fidelity"]
     out["cose"], out["cose_hmean"] = _combine(out["overall_consistency"], out["sensitivity"])
@@ -264,9 +222,9 @@ def _count_columns(column: str) -> list[str]:
 
 
 def _group_order(frame: pd.DataFrame) -> pd.DataFrame:
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rank = {m: i for i, m in enumerate(spec.method_order(frame["saliency_method"]))}
     keys = frame.assign(
-        _m=frame["saliency_method"].map(lambda m: rank.get(m, len(rank))),
+        _m=frame["saliency_method"].map(rank),
         _mn=frame["saliency_method"].astype(str),
         _d=frame["dataset"].map(lambda d: display_dataset(d).lower()),
         _o=frame["model"].map(lambda o: display_model(o).lower()),
@@ -275,14 +233,16 @@ def _group_order(frame: pd.DataFrame) -> pd.DataFrame:
     return keys.drop(columns=["_m", "_mn", "_d", "_o"]).reset_index(drop=True)
 
 
-def summarize(pairs: pd.DataFrame, column: str = "ssim") -> pd.DataFrame:
-    """One row per (saliency_method, dataset, model): the metrics and their counts."""
+def summarize(pairs: pd.DataFrame, column: str = "ssim", nan: str = "skip") -> pd.DataFrame:
+    """One row per (saliency_method, dataset, model): the metrics and their counts
+    (``nan``: the NaN rule of :func:`score`)."""
+    _check_nan_rule(nan)
     _require(pairs, GROUP_COLUMNS, "summarize")
     rows = []
     for keys, group in pairs.groupby(list(GROUP_COLUMNS), sort=False, dropna=False):
         row = dict(zip(GROUP_COLUMNS, keys))
         try:
-            row.update(score(group, column))
+            row.update(score(group, column, nan))
         except ValueError as err:
             raise ValueError(f"{'/'.join(map(str, keys))}: {err}") from None
         rows.append(row)
@@ -359,9 +319,13 @@ def breakdown_by_magnitude(pairs: pd.DataFrame) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- reference outputs
 
+_CLASS_COLUMNS = ("target_class", "pred_class", "t_pred_class")
+_MISSING = ("", "nan", "NaN", "NAN", "None", "none", "null")
 
-def _numeric(frame: pd.DataFrame, column: str, path: Path, *, integer: bool, required: bool):
-    raw = frame[column]
+
+def _numeric(frame: pd.DataFrame, column: str, path: Path, *, integer: bool, required: bool,
+             bounds: tuple[float, float] | None = None) -> pd.Series:
+    raw = frame[column].where(~frame[column].isin(_MISSING))
     values = pd.to_numeric(raw, errors="coerce")
     bad = raw.notna() & values.isna()
     if required:
@@ -369,18 +333,46 @@ def _numeric(frame: pd.DataFrame, column: str, path: Path, *, integer: bool, req
     if integer:
         finite = values.notna() & np.isfinite(values.astype(float))
         bad |= values.notna() & ~(finite & (values.astype(float) % 1 == 0))
+    kind = "an integer" if integer else "a number"
+    if bounds is not None:
+        lo, hi = bounds
+        with np.errstate(invalid="ignore"):
+            bad |= values.notna() & ~((values >= lo) & (values <= hi))
+        kind = (f"an integer >= {lo:g}" if integer else f"a number in [{lo:g}, {hi:g}] or "
+                "empty (NaN)")
     if bad.any():
         i = bad.index[bad][0]
-        kind = "an integer" if integer else "a number"
         raise ValueError(
-            f"{path}: line {i + 2}: column {column!r} must be {kind}, got {raw.at[i]!r}"
+            f"{path}: line {i + 2}: column {column!r} must be {kind}, got {frame.at[i, column]!r}"
         )
     return values.astype("int64") if integer else values.astype(float)
 
 
-def _read_reference_csv(path: Path) -> pd.DataFrame:
+def _classes(frame: pd.DataFrame, path: Path) -> tuple[dict[str, pd.Series], bool]:
+    """The three class columns as integers (indices) or stripped strings (class names, as the
+    reference writes them: ``idx2label[i]``); True when they hold names."""
+    raw = {c: frame[c].str.strip() for c in _CLASS_COLUMNS}
+    for c, col in raw.items():
+        empty = col.isin(_MISSING)
+        if empty.any():
+            i = col.index[empty][0]
+            raise ValueError(f"{path}: line {i + 2}: column {c!r} must be a class name or "
+                             f"index, got {frame.at[i, c]!r}")
+    integer = all(col.str.fullmatch(r"[+-]?\d+").all() for col in raw.values())
+    if not integer:
+        return raw, True
+    out = {c: pd.to_numeric(col).astype("int64") for c, col in raw.items()}
+    for c, col in out.items():
+        if (col < 0).any():
+            i = col.index[col < 0][0]
+            raise ValueError(f"{path}: line {i + 2}: column {c!r} must be a class index >= 0 "
+                             f"or a class name, got {frame.at[i, c]!r}")
+    return out, False
+
+
+def _read_reference_csv(path: Path) -> tuple[pd.DataFrame, bool]:
     try:
-        frame = pd.read_csv(path, dtype=str, skipinitialspace=True)
+        frame = pd.read_csv(path, dtype=str, skipinitialspace=True, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise ValueError(
             f"{path}: empty file, expected a header {','.join(REFERENCE_COLUMNS)}"
@@ -395,24 +387,34 @@ def _read_reference_csv(path: Path) -> pd.DataFrame:
         raise ValueError(
             f"{path}: missing columns {missing}; expected {','.join(REFERENCE_COLUMNS)}"
         )
+    if frame.empty:
+        raise ValueError(f"{path}: no records (a header only); a result file holds one row "
+                         "per image and variant")
     out = pd.DataFrame(index=frame.index)
-    for col in ("test_idx", "target_class", "pred_class", "t_pred_class"):
-        out[col] = _numeric(frame, col, path, integer=True, required=True)
+    out["test_idx"] = _numeric(frame, "test_idx", path, integer=True, required=True,
+                               bounds=(0, math.inf))
+    classes, named = _classes(frame, path)
+    for c in _CLASS_COLUMNS:
+        out[c] = classes[c]
     types = frame["transform_type"].str.strip()
     for value in pd.unique(types):
         try:
             transform_family(value)
         except ValueError as err:
-            mask = types.isna() if not isinstance(value, str) else types.eq(value)
-            i = types.index[mask][0]
+            i = types.index[types.eq(value)][0]
             raise ValueError(f"{path}: line {i + 2}: {err}") from None
     out["transform_type"] = types.astype(str)
     out["transform_magnitude"] = _numeric(
         frame, "tranform_magnitude", path, integer=False, required=False
     )
-    out["ssim"] = _numeric(frame, "ssim", path, integer=False, required=False)
-    out["spearman"] = _numeric(frame, "spearman", path, integer=False, required=False)
-    return out
+    bad = ~np.isfinite(out["transform_magnitude"]) & out["transform_magnitude"].notna()
+    if bad.any():
+        i = bad.index[bad][0]
+        raise ValueError(f"{path}: line {i + 2}: column 'tranform_magnitude' must be finite, "
+                         f"got {frame.at[i, 'tranform_magnitude']!r}")
+    for c in ("ssim", "spearman"):  # similarities: in [-1, 1], or NaN (constant maps)
+        out[c] = _numeric(frame, c, path, integer=False, required=False, bounds=(-1.0, 1.0))
+    return out, named
 
 
 def _reference_root(root: Path) -> Path:
@@ -423,38 +425,89 @@ def _reference_root(root: Path) -> Path:
     return root
 
 
-def read_reference_outputs(dir: str | os.PathLike) -> pd.DataFrame:
+def reference_file(method: str) -> str:
+    """The one file the reference's compile reads for ``method``: ``results_0_500.csv``
+    (GradCAM, GradCAM++, IG) or ``results_0_50.csv`` (the four costly methods)."""
+    return f"results_0_{spec.method(method).paper_images}.csv"
+
+
+def _code_names(frames: list[pd.DataFrame]) -> list[str]:
+    """Class names of one dataset's files -> sorted vocabulary; the columns become its
+    indices (only equality between classes matters to the aggregation)."""
+    names = sorted({str(v) for f in frames for c in _CLASS_COLUMNS for v in f[c]})
+    index = {n: i for i, n in enumerate(names)}
+    for f in frames:
+        for c in _CLASS_COLUMNS:
+            f[c] = f[c].map(lambda v: index[str(v)]).astype("int64")
+    return names
+
+
+def read_reference_outputs(dir: str | os.PathLike, files: str = "reference") -> pd.DataFrame:
     """Read the reference's ``<dir>/<method>/<dataset>/<model>/results_<start>_<end>.csv``
     files into the per-pair table (:data:`PAIR_COLUMNS`); ``dir`` may also hold ``outputs/``.
 
-    Method folders are mapped to our names (``gradcamPP`` -> ``gradcampp``); dataset and model
-    keep their folder names. A ValueError names the file and line of any bad input.
+    ``files``: ``reference`` (default) reads only the file the reference's compile reads for
+    each folder (:func:`reference_file`) and names the others in a warning; ``all`` reads
+    every ``results_*.csv``. Class columns may hold indices or class NAMES (as the reference
+    writes them); names are numbered per dataset in sorted order (``pairs.attrs
+    ["class_names"][dataset]`` lists them). Method folders are mapped to our names
+    (``gradcamPP`` -> ``gradcampp``); dataset and model keep their folder names (the tables
+    show the published names: ``Swin_T_14`` -> Swin-T). A ValueError names the file and line
+    of any bad input (similarities outside [-1, 1], negative indices, header-only files...).
     """
+    if files not in REFERENCE_FILES:
+        raise ValueError(f"files: got {files!r}; allowed: {', '.join(REFERENCE_FILES)}")
     root = _reference_root(Path(dir))
-    files = sorted(root.glob("*/*/*/results_*.csv"))
-    if not files:
+    found = sorted(root.glob("*/*/*/results_*.csv"))
+    if not found:
         stray = sorted(root.rglob("results_*.csv"))
         hint = f" (found {stray[0]} at another depth)" if stray else ""
         raise ValueError(
             f"no reference results under {root}: expected "
             f"<method>/<dataset>/<model>/results_<start>_<end>.csv{hint}"
         )
-    frames = []
-    for path in files:
+    chosen, ignored = [], []
+    for path in found:
         if not _RESULTS_NAME.match(path.name):
             raise ValueError(f"{path}: file name must be results_<start>_<end>.csv")
-        method_dir, dataset, model = path.relative_to(root).parts[:3]
+        method_dir = path.relative_to(root).parts[0]
         if method_dir not in REFERENCE_METHOD_DIRS:
             raise ValueError(
                 f"{path}: unknown method folder {method_dir!r}; allowed: "
                 f"{', '.join(REFERENCE_METHOD_DIRS)}"
             )
-        frame = _read_reference_csv(path)
+        wanted = reference_file(REFERENCE_METHOD_DIRS[method_dir])
+        (chosen if files == "all" or path.name == wanted else ignored).append(path)
+    if ignored:
+        names = ", ".join(str(p.relative_to(root)) for p in ignored[:5])
+        more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+        warnings.warn(
+            f"{len(ignored)} result file(s) not read, as the reference's compile reads only "
+            f"results_0_500.csv (GradCAM, GradCAM++, IG) or results_0_50.csv (BlurIG, GuidedIG, "
+            f"LIME, SmoothGrad): {names}{more} (files='all' / --files all reads them)",
+            stacklevel=2,
+        )
+    if not chosen:
+        raise ValueError(f"no result file under {root} is one the reference's compile reads "
+                         f"(results_0_500.csv or results_0_50.csv per method); "
+                         f"{len(ignored)} other(s) found: use files='all' (--files all)")
+    by_dataset: dict[str, list[pd.DataFrame]] = {}
+    named: dict[str, bool] = {}
+    for path in chosen:
+        method_dir, dataset, model = path.relative_to(root).parts[:3]
+        frame, has_names = _read_reference_csv(path)
         frame.insert(0, "saliency_method", REFERENCE_METHOD_DIRS[method_dir])
         frame.insert(0, "model", model)
         frame.insert(0, "dataset", dataset)
-        frames.append(frame)
-    pairs = pd.concat(frames, ignore_index=True)[list(PAIR_COLUMNS)]
+        by_dataset.setdefault(dataset, []).append(frame)
+        named[dataset] = named.get(dataset, False) or has_names
+    class_names = {}
+    for dataset, frames in by_dataset.items():
+        if named[dataset]:
+            class_names[dataset] = _code_names(frames)
+    pairs = pd.concat([f for fs in by_dataset.values() for f in fs],
+                      ignore_index=True)[list(PAIR_COLUMNS)]
+    pairs.attrs["class_names"] = class_names
     dup = pairs.duplicated(
         ["saliency_method", "dataset", "model", "test_idx", "transform_type", "transform_magnitude"]
     )
@@ -467,9 +520,13 @@ def read_reference_outputs(dir: str | os.PathLike) -> pd.DataFrame:
     return pairs
 
 
-def compile_reference_outputs(dir: str | os.PathLike) -> pd.DataFrame:
-    """Summary (:func:`summarize`) of the reference's result CSVs under ``dir``."""
-    return summarize(read_reference_outputs(dir))
+def compile_reference_outputs(dir: str | os.PathLike, nan: str = "skip",
+                              files: str = "reference") -> pd.DataFrame:
+    """Summary (:func:`summarize`) of the reference's result CSVs under ``dir``;
+    ``nan="reference"`` and the default ``files`` give the numbers the reference's compile
+    script gives."""
+    _check_nan_rule(nan)
+    return summarize(read_reference_outputs(dir, files=files), nan=nan)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -481,14 +538,14 @@ def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
-def paper_table_markdown(summary: pd.DataFrame, metric: str = "cose") -> str:
-    """The paper's table: rows dataset x model, columns methods (BlurIG ... SmoothGrad order),
-    ``metric`` in percent with 2 decimals, last row each method's mean in bold."""
+def paper_table_markdown(summary: pd.DataFrame, metric: str = "cose",
+                         methods: list[str] | None = None) -> str:
+    """The paper's table: rows dataset x model, columns methods (BlurIG ... SmoothGrad order,
+    then registered methods; ``methods`` fixes them), ``metric`` in percent with 2 decimals,
+    last row each method's mean over the rows shown, in bold."""
     _require(summary, list(GROUP_COLUMNS) + [metric], "paper_table_markdown")
-    present = list(pd.unique(summary["saliency_method"]))
-    methods = [m for m in METHOD_ORDER if m in present] + sorted(
-        (m for m in present if m not in METHOD_ORDER), key=str
-    )
+    if methods is None:
+        methods = spec.method_order(pd.unique(summary["saliency_method"]))
     table = summary.pivot_table(
         index=["dataset", "model"],
         columns="saliency_method",
@@ -501,7 +558,7 @@ def paper_table_markdown(summary: pd.DataFrame, metric: str = "cose") -> str:
         (tuple(r) for r in present_rows),
         key=lambda r: (display_dataset(r[0]).lower(), display_model(r[1]).lower()),
     )
-    header = ["**Dataset**", "**Model**"] + [f"**{METHOD_DISPLAY.get(m, m)}**" for m in methods]
+    header = ["**Dataset**", "**Model**"] + [f"**{method_display(m)}**" for m in methods]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     previous = None
     for dataset, model in rows:
@@ -521,6 +578,18 @@ def paper_table_markdown(summary: pd.DataFrame, metric: str = "cose") -> str:
     return "\n".join(lines) + "\n"
 
 
+def published_table_markdown(summary: pd.DataFrame, metric: str = "cose") -> str | None:
+    """The published Table 1's layout: its four models (ConvNext, ResNet50, Swin-T, ViT, in
+    the reference's folder names or ours) per dataset, the seven methods as columns, the mean
+    row; None when none of the four is in ``summary``."""
+    _require(summary, list(GROUP_COLUMNS) + [metric], "published_table_markdown")
+    keep = summary["model"].map(lambda m: spec.published_model(m) is not None)
+    if not keep.any():
+        return None
+    return paper_table_markdown(summary[keep], metric,
+                                methods=spec.method_order(spec.BUILTIN_METHODS))
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -538,8 +607,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_summary(summary: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``summary.csv`` and ``cose_table.md`` into ``out_dir`` atomically (temp file in
-    the same folder, then ``os.replace``). Returns their paths."""
+    """Write ``summary.csv``, ``cose_table.md`` and, when the published Table 1's models are
+    present, ``table1.md`` (:func:`published_table_markdown`) into ``out_dir`` atomically (temp
+    file in the same folder, then ``os.replace``). Returns their paths."""
     _require(summary, list(GROUP_COLUMNS) + list(METRICS), "write_summary")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -555,4 +625,10 @@ def write_summary(summary: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str
     paths = {"summary": out / "summary.csv", "table": out / "cose_table.md"}
     _atomic_write_text(paths["summary"], csv_text)
     _atomic_write_text(paths["table"], table)
+    published = published_table_markdown(summary)
+    if published is not None:
+        paths["table1"] = out / "table1.md"
+        _atomic_write_text(paths["table1"], published)
+    else:  # a stale layout from other models must not stand beside these results
+        (out / "table1.md").unlink(missing_ok=True)
     return paths

@@ -9,21 +9,22 @@ gradient maps in [0,1], LIME in {-1, 0, 1}. Unset settings take the reference's 
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from cose import spec as _spec
 from cose.saliency import _core, blur_ig, gradcam, gradcampp, guided_ig, ig, lime, smoothgrad
 
 __all__ = [
     "METHODS", "Method", "defaults", "explain", "get", "passes_model", "register", "registered",
 ]
 
-METHODS = ("gradcam", "gradcampp", "ig", "smoothgrad", "blur_ig", "guided_ig", "lime")
+#: the reference's seven methods (cose.spec.BUILTIN_METHODS)
+METHODS = _spec.BUILTIN_METHODS
 
 # model inputs per call; None = by device: AUTO_BATCH_SIZE[device type], else "other"
 DEFAULT_BATCH_SIZE = None
@@ -33,12 +34,20 @@ AUTO_BATCH_SIZE = {"cpu": 32, "other": 64}
 @dataclass(frozen=True)
 class Method:
     """A registered saliency method: `fn(model, images, targets, max_target, **settings)`
-    returns [B,H,W] maps; `defaults` names every setting it accepts, with its default."""
+    returns [B,H,W] maps; `spec` (:class:`cose.spec.MethodSpec`) names every setting it
+    accepts, with its type and default, and how tables show it."""
 
     name: str
     fn: Callable[..., torch.Tensor]
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    doc: str = ""
+    spec: _spec.MethodSpec
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.spec.defaults
+
+    @property
+    def doc(self) -> str:
+        return self.spec.doc
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -47,22 +56,41 @@ _REGISTRY: dict[str, Method] = {}
 def register(
     name: str,
     fn: Callable[..., torch.Tensor],
-    defaults: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
     doc: str = "",
     *,
     replace: bool = False,
+    display: str | None = None,
+    kind: str = "other",
+    stochastic: bool | None = None,
+    paper_images: int | None = None,
+    fusable: bool = False,
 ) -> Method:
-    """Add a method to the registry (`explain` and `defaults` then accept `name`)."""
+    """Add a saliency method: `explain`, `defaults`, params.yaml (`methods`, `explain.settings`),
+    `cose evaluate`, the tables, the report and MLflow then accept `name`.
+
+    `fn(model, images, targets, max_target, **settings) -> [B,H,W]` maps. `defaults`: each
+    setting's default (its type is taken from the default: int, float, other) or a
+    :class:`cose.spec.Setting`. `display`: its column name (default: `name`); `kind`: cam,
+    gradient, perturbation or other; `stochastic` (default: it takes a `seed` setting): it
+    gets a new seed per call, and a noise-floor variant; `fusable`: it only calls the model,
+    so a conv+BN-folded copy may stand in for it."""
+    if not callable(fn):
+        raise ValueError(f"saliency method {name!r}: fn must be callable, got {type(fn).__name__}")
     if not replace and name in _REGISTRY:
         raise ValueError(f"saliency method {name!r} is already registered")
-    m = Method(name, fn, dict(defaults), doc)
+    settings = dict(defaults or {})
+    spec = _spec.register_method(_spec.MethodSpec(
+        name, display or name, kind, "seed" in settings if stochastic is None else stochastic,
+        paper_images, settings, fusable=fusable, doc=doc), replace=True)
+    m = Method(name, fn, spec)
     _REGISTRY[name] = m
     return m
 
 
 def registered() -> tuple[str, ...]:
     """Every registered method: METHODS first, then any added with `register`."""
-    return tuple(_REGISTRY)
+    return tuple(m for m in _spec.methods() if m in _REGISTRY)
 
 
 def get(method: str) -> Method:
@@ -76,80 +104,22 @@ def defaults(method: str) -> dict[str, Any]:
     return dict(get(method).defaults)
 
 
-_CAM = {"layer": None, "reshape": None, "batch_size": DEFAULT_BATCH_SIZE}
-register("gradcam", gradcam.compute, _CAM, "GradCAM (pytorch-grad-cam)")
-register("gradcampp", gradcampp.compute, _CAM, "GradCAM++ (pytorch-grad-cam)")
-register(
-    "ig",
-    ig.compute,
-    {"steps": 25, "batch_size": DEFAULT_BATCH_SIZE},
-    "Integrated Gradients (PAIR saliency), zero baseline",
-)
-register(
-    "smoothgrad",
-    smoothgrad.compute,
-    {"samples": 50, "noise": 0.15, "seed": 0, "batch_size": DEFAULT_BATCH_SIZE},
-    "SmoothGrad over vanilla gradients (PAIR saliency), squared",
-)
-register(
-    "blur_ig",
-    blur_ig.compute,
-    {"steps": 100, "max_sigma": 50.0, "grad_step": 0.01, "batch_size": DEFAULT_BATCH_SIZE},
-    "Blur IG (PAIR saliency)",
-)
-register(
-    "guided_ig",
-    guided_ig.compute,
-    {"steps": 200, "max_dist": 0.02, "fraction": 0.25, "batch_size": DEFAULT_BATCH_SIZE},
-    "Guided IG (PAIR saliency), zero baseline",
-)
-register(
-    "lime",
-    lime.compute,
-    {"samples": 1000, "num_features": 10, "seed": 0, "batch_size": DEFAULT_BATCH_SIZE},
-    "LIME (lime), quickshift superpixels, hide colour 0",
-)
-
-# methods that only call the model (no hooks on its modules): they may run a conv+BN-folded
-# copy of it (`_core.fast_model`); the CAMs hook the caller's own modules
-_FUSABLE = frozenset({"ig", "smoothgrad", "blur_ig", "guided_ig", "lime"})
+for _name, _fn in (("gradcam", gradcam.compute), ("gradcampp", gradcampp.compute),
+                   ("ig", ig.compute), ("smoothgrad", smoothgrad.compute),
+                   ("blur_ig", blur_ig.compute), ("guided_ig", guided_ig.compute),
+                   ("lime", lime.compute)):
+    _REGISTRY[_name] = Method(_name, _fn, _spec.method(_name))
 
 
 def passes_model(method: str, model: nn.Module, example: torch.Tensor) -> nn.Module:
     """The module `method`'s passes call: the cached conv+BN-folded copy of `model` for the
-    methods that only call it, `model` itself for the CAMs and any registered method
-    (`example`: one model input, to check the folding)."""
-    return _core.fast_model(model, example) if method in _FUSABLE else model
-
-_POSITIVE_INT = ("steps", "samples", "num_features", "batch_size")
-_NON_NEGATIVE = ("noise", "max_sigma", "max_dist", "fraction")
+    methods that only call it (`fusable` in their spec), `model` itself for the CAMs and any
+    method registered without `fusable` (`example`: one model input, to check the folding)."""
+    return _core.fast_model(model, example) if get(method).spec.fusable else model
 
 
 def _check_settings(method: Method, settings: dict[str, Any]) -> dict[str, Any]:
-    allowed = method.defaults
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"{method.name}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}"
-        )
-    out = {**allowed, **settings}
-    for k, v in out.items():
-        if k == "batch_size" and v is None:
-            continue
-        if k in _POSITIVE_INT:
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"{method.name}: {k}={v!r}; expected an integer >= 1")
-            out[k] = int(v)
-        elif k in _NON_NEGATIVE or k == "grad_step":
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0:
-                raise ValueError(f"{method.name}: {k}={v!r}; expected a number >= 0")
-            out[k] = float(v)
-        elif k == "seed":
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
-                raise ValueError(f"{method.name}: seed={v!r}; expected an integer or None")
-        elif k == "reshape" and v is not None and not callable(v):
-            raise ValueError(f"{method.name}: reshape={v!r}; expected a callable or None")
-    return out
+    return _spec.check_settings(method.name, settings)
 
 
 def explain(

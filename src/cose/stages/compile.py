@@ -131,7 +131,7 @@ def run(cfg: Config) -> pd.DataFrame:
     if not report.ok:
         raise ValueError("per-pair table failed validation:\n" + report.to_markdown())
     log.info("compile: scoring %d pairs", len(pairs))
-    summary = scoring.summarize(pairs)
+    summary = scoring.summarize(pairs, nan=cfg.compile.nan)
     accuracies = train_accuracies(cfg)
     written = write_results(summary, pairs, common.RESULTS, accuracies)
     written += write_report(cfg, summary, pairs, common.RESULTS, accuracies)
@@ -161,12 +161,12 @@ def report_only(cfg: Config, out: Path, reference_outputs: str | None = None) ->
     reference's result CSVs), without metrics files or MLflow."""
     if reference_outputs:
         pairs = scoring.read_reference_outputs(reference_outputs)
-        summary = scoring.summarize(pairs)
+        summary = scoring.summarize(pairs, nan=cfg.compile.nan)
         scoring.write_summary(summary, out)
         from cose import report
 
         return report.write_report(out, summary, pairs, versions=report.versions(),
                                    title=f"COSE report: {reference_outputs}")
     pairs = load_pairs(cfg)
-    summary = scoring.summarize(pairs)
+    summary = scoring.summarize(pairs, nan=cfg.compile.nan)
     return write_report(cfg, summary, pairs, out, train_accuracies(cfg))
