@@ -75,6 +75,10 @@ class ExplainConfig:
     batch_size: int = 256
     sample_maps: int = 2
     precision: str = "fp32"
+    # shared: the same seeded images for every model; reference: the official numpy stream
+    # (per model, end index inclusive), see cose.selection
+    selection: str = "shared"
+    reference_models: tuple[str, ...] = ()  # the official run's model order (empty: models)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def images_for(self, method: str) -> int:
@@ -287,6 +291,7 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
         raise ConfigError(
             f"explain.precision: got {e.precision!r}; allowed: {', '.join(PRECISIONS)}"
         )
+    _check_selection(cfg, check_registries)
     for method, settings in e.settings.items():
         if not spec.is_method(method):
             raise ConfigError(
@@ -307,6 +312,33 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
     _check_positive("tracking.retries", cfg.tracking.retries, allow_zero=True)
     _check_positive("tracking.backoff_s", cfg.tracking.backoff_s, allow_zero=True)
     return cfg
+
+
+def _check_selection(cfg: Config, check_registries: bool) -> None:
+    from cose.selection import SELECTIONS, STREAM_CONSUMERS
+
+    e = cfg.explain
+    if e.selection not in SELECTIONS:
+        raise ConfigError(f"explain.selection: got {e.selection!r}; allowed: "
+                          f"{', '.join(SELECTIONS)}")
+    consumers = [m for m in cfg.methods if m in STREAM_CONSUMERS]
+    if consumers and e.selection == "reference":
+        raise ConfigError(
+            f"explain.selection: reference cannot regenerate the official images and magnitudes "
+            f"of {', '.join(consumers)}: the official code draws their noise/perturbations from "
+            f"the same numpy stream between the magnitude draws; use selection: shared for them")
+    if len(set(e.reference_models)) != len(e.reference_models):
+        raise ConfigError(f"explain.reference_models: duplicate entries in "
+                          f"{list(e.reference_models)!r}")
+    missing = [m for m in cfg.models if e.reference_models and m not in e.reference_models]
+    if missing:
+        raise ConfigError(f"explain.reference_models: {missing[0]!r} (in models) is missing; "
+                          "list every model of the run in the official run's order")
+    if check_registries and e.reference_models:
+        from cose import models as model_registry
+
+        _check_names("explain.reference_models", e.reference_models,
+                     tuple(model_registry.names()))
 
 
 # --------------------------------------------------------------------------- overrides

@@ -11,7 +11,7 @@ on the images' device and only scores (and the kept sample maps) leave it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,6 +130,7 @@ def explain_unit(
     batch_size: int = 256,
     keep_samples: int = 0,
     precision: str = "fp32",
+    draws: Mapping[str, torch.Tensor] | None = None,
 ) -> UnitResult:
     """Per-pair records (REFERENCE.md, step 6) for `images01` ([B,C,H,W] in [0,1]).
 
@@ -139,7 +140,9 @@ def explain_unit(
     are kept. The batches, and so the numbers, are the same as for one call over all variants.
 
     ``precision`` (:mod:`cose.precision`): of the saliency passes; everything else
-    (predictions, transforms, similarity) runs in fp32."""
+    (predictions, transforms, similarity) runs in fp32. ``draws``: the magnitudes of each
+    signed transform, ``[B, k]`` (``explain.selection: reference``); by default each image's
+    come from its own seeded generator (:func:`draw_magnitudes`)."""
     P.check(precision)
     settings = settings or {}
     checkpoints = checkpoints or {}
@@ -161,7 +164,10 @@ def explain_unit(
     # every variant: (type, magnitudes [B]); per variant and image: t_pred, SSIM, Spearman
     variants: list[tuple[str, torch.Tensor]] = []
     for name in transforms:
-        m = draw_magnitudes(name, magnitudes, test_idx, seed, W).to(dev)
+        if draws is not None and name in T.SIGNED:
+            m = torch.as_tensor(draws[name], dtype=torch.float32).reshape(B, -1).to(dev)
+        else:
+            m = draw_magnitudes(name, magnitudes, test_idx, seed, W).to(dev)
         variants += [(name, m[:, j]) for j in range(m.shape[1])]
     models_ = ([("random", random_model)] if random_model is not None else []) + list(
         checkpoints.items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -67,16 +68,38 @@ def num_classes(cfg: Config, dataset: str) -> int:
     return len([c for c in classes if c.strip()])
 
 
+def selection(cfg: Config, dataset: str, model: str, method: str):
+    """The test images (and, for ``explain.selection: reference``, the drawn magnitudes) of one
+    (dataset, model, method): :mod:`cose.selection`."""
+    return _selection(cfg.data.root, dataset, model, cfg.explain.selection,
+                      cfg.explain.images_for(method), cfg.explain.seed, cfg.explain.magnitudes,
+                      tuple(cfg.explain.reference_models or cfg.models))
+
+
+@functools.lru_cache(maxsize=64)
+def _selection(root: str, dataset: str, model: str, rule: str, images: int, seed: int,
+               count: int, order: tuple[str, ...]):
+    from cose import data, models
+    from cose.selection import Selection, reference_stream
+
+    n = data.split_size(dataset, root, "test")
+    if rule == "shared":
+        g = torch.Generator().manual_seed(seed)
+        return Selection(tuple(torch.randperm(n, generator=g)[:images].tolist()))
+    size = models.preprocess(model).crop
+    return reference_stream(n, order, images, count=count, seed=seed, size=size)[model]
+
+
 def explain_subset(cfg: Config, dataset: str, model: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The first `explain.images` test images of a seeded permutation (REFERENCE.md step 1).
+    """Every test image any method explains on (dataset, model) (REFERENCE.md step 1): with
+    ``explain.selection: shared`` the first `explain.images` of a seeded permutation.
 
     Returns images in [0,1] at the model's input size, labels, and their test-split indices.
     """
     from cose import data, models
 
-    n = data.split_size(dataset, cfg.data.root, "test")
-    g = torch.Generator().manual_seed(cfg.explain.seed)
-    order = torch.randperm(n, generator=g)[: cfg.explain.images].tolist()
+    order = list(dict.fromkeys(
+        i for method in cfg.methods for i in selection(cfg, dataset, model, method).test_idx))
     # only the chosen images are decoded (a test split at 224 px can be several GB)
     images, labels = data.load_split(dataset, cfg.data.root, "test", models.preprocess(model),
                                      indices=order)

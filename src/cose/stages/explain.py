@@ -86,24 +86,29 @@ def checkpoint_hash(dataset: str, model: str) -> str:
 def plan(cfg: Config) -> list[Unit]:
     """All units of the stage, in a fixed order."""
     code = common.code_hash()
-    # not fingerprinted: the batch size (same numbers), and the per-method image counts (a
-    # unit's range says which images it explains, so fewer or more leave its shard as it is)
+    # not fingerprinted: the batch size (same numbers); the image counts and the selection rule
+    # (a unit's fingerprint holds the test images and magnitudes it explains, so fewer or more
+    # images leave its shard as it is); other methods' settings
     explain = {k: v for k, v in cfg.to_dict()["explain"].items()
-               if k not in ("batch_size", "images_by_method")}
+               if k not in ("batch_size", "images", "images_by_method", "selection",
+                            "reference_models", "settings")}
     units = []
     for dataset in cfg.datasets:
         for model in cfg.models:
             ckpt = checkpoint_hash(dataset, model)
             for method in cfg.methods:
-                images = cfg.explain.images_for(method)
-                for shard in range(math.ceil(images / cfg.explain.shard_size)):
+                sel = common.selection(cfg, dataset, model, method)
+                settings = cfg.explain.settings.get(method, {})
+                for shard in range(math.ceil(len(sel) / cfg.explain.shard_size)):
                     start = shard * cfg.explain.shard_size
-                    stop = min(start + cfg.explain.shard_size, images)
+                    stop = min(start + cfg.explain.shard_size, len(sel))
                     blob = json.dumps(
                         {"seed": cfg.seed, "explain": explain, "dataset": dataset,
-                         "model": model, "method": method, "range": [start, stop],
+                         "model": model, "method": method, "settings": settings,
+                         "images": list(sel.test_idx[start:stop]),
+                         "draws": {t: d[start:stop].tolist() for t, d in sel.draws.items()},
                          "code": code, "ckpt": ckpt, "save_epochs": cfg.train.save_epochs},
-                        sort_keys=True,
+                        sort_keys=True, default=str,
                     )
                     fp = hashlib.sha256(blob.encode()).hexdigest()[:20]
                     units.append(Unit(dataset, model, method, shard, start, stop, fp))
@@ -159,9 +164,10 @@ def prefetch_enabled(dev: torch.device) -> bool:
 
 
 def _context_key(cfg: Config, dataset: str, model: str) -> tuple:
+    e = cfg.explain
+    images = tuple(common.selection(cfg, dataset, model, m).test_idx for m in cfg.methods)
     return (dataset, model, common.code_hash(), checkpoint_hash(dataset, model), cfg.data.root,
-            cfg.explain.images, cfg.explain.seed, cfg.train.save_epochs,
-            cfg.explain.random_model, cfg.explain.mid_ckpt)
+            images, cfg.train.save_epochs, e.random_model, e.mid_ckpt)
 
 
 def _load_host(cfg: Config, dataset: str, model: str) -> tuple[tuple, dict[str, Any]]:
@@ -234,6 +240,7 @@ def _context(cfg: Config, dataset: str, model: str) -> dict[str, Any]:
         "images": host["images"].to(dev),
         "labels": host["labels"].to(dev),
         "test_idx": host["test_idx"],
+        "row": {int(i): r for r, i in enumerate(host["test_idx"])},
         "model": loaded.pop("final"),
         "random": loaded.pop("random", None),
         "checkpoints": loaded,
@@ -264,14 +271,17 @@ def compute_unit(
     if upcoming and tuple(upcoming) != (unit.dataset, unit.model) and prefetch_enabled(
             common.device()):
         _prefetch(cfg, *upcoming)
-    sl = slice(unit.start, unit.stop)
+    sel = common.selection(cfg, unit.dataset, unit.model, unit.method)
+    test_idx = list(sel.test_idx[unit.start : unit.stop])
+    rows = torch.tensor([ctx["row"][i] for i in test_idx], device=ctx["images"].device)
+    draws = {t: torch.from_numpy(d[unit.start : unit.stop]) for t, d in sel.draws.items()}
     keep = cfg.explain.sample_maps if unit.shard == 0 else 0
     result = explain_unit(
-        ctx["model"], ctx["images"][sl], ctx["labels"][sl], ctx["test_idx"][sl], unit.method,
+        ctx["model"], ctx["images"][rows], ctx["labels"][rows], test_idx, unit.method,
         ctx["normalize"], transforms=cfg.explain.transforms, magnitudes=cfg.explain.magnitudes,
         seed=cfg.explain.seed, random_model=ctx["random"], checkpoints=ctx["checkpoints"],
         settings=cfg.explain.settings.get(unit.method, {}), batch_size=cfg.explain.batch_size,
-        keep_samples=keep, precision=cfg.explain.precision,
+        keep_samples=keep, precision=cfg.explain.precision, draws=draws or None,
     )
     buf = io.BytesIO()
     result.pairs.to_parquet(buf, index=False)
