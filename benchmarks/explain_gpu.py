@@ -64,7 +64,7 @@ from torch import nn
 
 from cose import models as M
 from cose import precision as P
-from cose import saliency
+from cose import saliency, spec
 from cose import transforms as T
 from cose.engine import UnitResult, explain_unit
 
@@ -83,7 +83,7 @@ SIM = _sibling("similarity_speed")  # reference_pair: skimage SSIM + scipy Spear
 
 SCHEMA = "cose.explain_gpu/1"
 METHODS = saliency.METHODS
-CAM_METHODS = P.CAM_METHODS
+CAM_METHODS = tuple(m for m in spec.BUILTIN_METHODS if spec.method(m).kind == "cam")
 PRECISIONS = P.PRECISIONS
 MEAN = torch.tensor(SP.MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(SP.STD).view(1, 3, 1, 1)
@@ -256,12 +256,12 @@ def segmentation_seconds(size: int) -> float:
     """Seconds of one lime quickshift segmentation of a `size` px image (CPU; median of 3)."""
     from cose.saliency.lime import segment
 
-    img = SP.make_images(1, size, seed=3)[0].permute(1, 2, 0).double().numpy()
-    segment(img, np.random.RandomState(0))
+    img = SP.make_images(1, size, seed=3)[0].permute(1, 2, 0).numpy()  # float32, as LIME's
+    segment(img, 0)
     times = []
     for k in range(3):
         t = time.perf_counter()
-        segment(img, np.random.RandomState(1 + k))
+        segment(img, 1 + k)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         segs, distinct = [], []
         for i in range(args.images):
             rs = np.random.RandomState(0)
-            seg = segment(x[i].permute(1, 2, 0).double().cpu().numpy(), rs)
+            seg = segment(x[i].permute(1, 2, 0).cpu().numpy(), 0)
             n = len(np.unique(seg))
             data = rs.randint(0, 2, 1000 * n).reshape(1000, n)
             data[0, :] = 1

@@ -554,7 +554,9 @@ def test_write_summary_atomic(tmp_path):
     assert list(written.columns[:3]) == ["saliency_method", "dataset", "model"]
     assert set(S.METRICS) <= set(written.columns) and "n_overall_fidelity" in written.columns
     assert (out / "cose_table.md").read_text() == S.paper_table_markdown(summary)
-    assert sorted(os.listdir(out)) == ["cose_table.md", "summary.csv"]  # no temp files left
+    # no temp files left; table1.md: the published layout (its models are in the fixture)
+    assert sorted(os.listdir(out)) == ["cose_table.md", "summary.csv", "table1.md"]
+    assert (out / "table1.md").read_text() == S.published_table_markdown(summary)
     with pytest.raises(ValueError, match="missing columns"):
         S.write_summary(summary.drop(columns=["cose"]), tmp_path / "x")
 
@@ -571,7 +573,7 @@ def test_write_summary_keeps_old_files_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         S.write_summary(summary_fixture().assign(cose=0.1), out)
     assert (out / "summary.csv").read_text() == before
-    assert sorted(os.listdir(out)) == ["cose_table.md", "summary.csv"]
+    assert sorted(os.listdir(out)) == ["cose_table.md", "summary.csv", "table1.md"]
 
 
 # --------------------------------------------------------------------------- breakdowns

@@ -1,9 +1,9 @@
 """cose.similarity against skimage's structural_similarity and scipy's spearmanr.
 
 Tolerances: SSIM within 1e-4 of skimage (float32 maps; 1e-9 on float64), Spearman within
-1e-6 of scipy (measured: ~1e-8 and ~1e-15). The masked SSIM reference is the mean of
-skimage's full SSIM image over the mask eroded by scipy.ndimage.binary_erosion with a 5x5
-square (outside the image counts as False).
+1e-6 of scipy (measured: ~1e-8 and ~1e-15). The masked SSIM reference is the reference's
+get_similarity: the mean of skimage's full SSIM image over the mask eroded by skimage's
+binary_erosion with a 5x5 footprint (outside the image counts as set: the border is kept).
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def ref_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> fl
         mean, full = structural_similarity(a, b, win_size=5, data_range=rng, full=True)
     if mask is None:
         return float(mean)
-    eroded = binary_erosion(mask, structure=np.ones((5, 5), bool))
+    # skimage.morphology.binary_erosion(mask, footprint=np.ones((5, 5))) = scipy's with the
+    # border set (skimage 0.26 deprecates the function, not the rule)
+    eroded = binary_erosion(mask, structure=np.ones((5, 5), bool), border_value=1)
     return float(full[eroded].mean()) if eroded.any() else float("nan")
 
 
@@ -154,20 +156,57 @@ def test_batch_with_different_ranges_is_per_sample(seed):
         torch.testing.assert_close(r1[0], r_all[i], equal_nan=True, rtol=0, atol=1e-12)
 
 
-def test_all_true_mask_equals_no_mask():
+def test_all_true_mask_is_the_full_ssim_image():
+    """skimage's mean crops the 2-pixel border; an all-True mask keeps it (the reference's
+    masked rule), so the two differ, and the masked one is the full image's mean."""
     rng = np.random.default_rng(3)
     a, b = (torch.from_numpy(x) for x in varied_maps(rng, 7, 50, 60))
     full = torch.ones(a.shape, dtype=torch.bool)
-    torch.testing.assert_close(ssim(a, b, full), ssim(a, b), equal_nan=True)
+    for i in range(7):
+        x, y = a[i].numpy(), b[i].numpy()
+        rng_ = max(np.ptp(x), np.ptp(y))
+        if rng_ == 0:
+            continue
+        _, image = structural_similarity(x, y, win_size=5, data_range=rng_, full=True)
+        assert float(ssim(a[i : i + 1], b[i : i + 1], full[i : i + 1])) == pytest.approx(
+            float(image.mean()), abs=1e-9)
     torch.testing.assert_close(spearman(a, b, full), spearman(a, b), equal_nan=True)
 
 
-def test_erode_mask_border_counts_as_outside():
+def test_erode_mask_keeps_the_image_border():
     m = torch.ones(1, 9, 11, dtype=torch.bool)
+    assert bool(erode_mask(m).all())
+    m[0, :, 7:] = False  # a valid region that touches three sides of the image
     e = erode_mask(m)
-    assert e.sum() == (9 - 4) * (11 - 4) and bool(e[0, 2:-2, 2:-2].all())
-    want = binary_erosion(m[0].numpy(), structure=np.ones((5, 5), bool))
+    want = binary_erosion(m[0].numpy(), structure=np.ones((5, 5), bool), border_value=1)
     assert np.array_equal(e[0].numpy(), want)
+    assert bool(e[0, :, :5].all()) and not e[0, :, 5:].any()
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-6), (np.float32, SSIM_TOL)])
+def test_masked_ssim_equals_official_get_similarity(dtype, tol):
+    """The reference's get_similarity(a, b, 'ssim', mask) with skimage's own binary_erosion,
+    on maps whose valid region touches the image border (translations, rotations): 1e-6 on
+    float64 maps (the reference's gradient and LIME maps); skimage computes float32 maps (its
+    CAMs) in float32, whose own rounding is ~1e-5."""
+    from skimage.morphology import binary_erosion as sk_erosion
+
+    rng = np.random.default_rng(8)
+    a, b = varied_maps(rng, 6, 64, 56)
+    mags = [12.0, -7.0, 31.0, -25.0, 4.5, -90.0]
+    names = ["TranslateX", "TranslateX", "TranslateY", "TranslateY", "Rotate", "Rotate"]
+    masks = np.stack([T.valid_mask(n, [m], 64, 56)[0].numpy() for n, m in zip(names, mags)])
+    ours = ssim(torch.from_numpy(a.astype(dtype)), torch.from_numpy(b.astype(dtype)),
+                torch.from_numpy(masks))
+    for i in range(6):
+        x, y = a[i].astype(dtype), b[i].astype(dtype)
+        drange = max(y.max() - y.min(), x.max() - x.min())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, full = structural_similarity(x, y, win_size=5, full=True, data_range=drange)
+            eroded = sk_erosion(masks[i], footprint=np.ones((5, 5)))
+        assert eroded[0].any() or eroded[-1].any() or eroded[:, 0].any()  # touches the border
+        assert float(ours[i]) == pytest.approx(float(np.mean(full[eroded])), abs=tol)
 
 
 def test_constant_maps():

@@ -4,9 +4,10 @@ Each kernel handles a chunk of pairs in one call, in one pass per map where it c
 224x224 pair costs tens of microseconds of SSIM and a few hundred of Spearman; the caller
 spreads chunks over threads. Semantics are those documented in :mod:`cose.similarity`:
 
-- SSIM: only pixels at least 2 away from the border are ever averaged (skimage crops that
-  border, and the eroded mask excludes it), and their 5x5 windows lie inside the map, so no
-  padding is needed. Maps are centred and scaled by 1/data_range in the input dtype (float32
+- SSIM: without a mask, the pixels at least 2 away from the border (skimage crops that
+  border); with a mask, every pixel the eroded mask keeps, border included, whose windows
+  reach into scipy's 'reflect' padding (d c b a | a b c d). Maps are centred and scaled by
+  1/data_range in the input dtype (float32
   keeps the variances well conditioned that way); window sums are direct 5-tap sums (no
   running sums that would drift); the per-pixel SSIM values are accumulated in float64.
 - Spearman: exact ranks from an LSD radix sort (3 passes of 11 bits) of the maps' float32 bits
@@ -36,24 +37,29 @@ def ssim_sums(a, b, lo, hi, keep, use_keep, total, count, ok):
     """For each pair p of [c,H,W] maps ``a`` (or one map [1,H,W] for every pair) and ``b``,
     with ``lo``/``hi`` [2,c] the minima and maxima of ``a`` (row 0) and ``b`` (row 1), NaN
     propagated: ``total[p]`` the sum of the
-    SSIM image over the interior (``use_keep`` False) or over ``keep[p]`` (the eroded mask,
-    False within 2 of the border), ``count[p]`` the number of pixels summed, ``ok[p]`` whether
+    SSIM image over the interior (``use_keep`` False) or over ``keep[p]`` (the eroded mask;
+    its border pixels' windows read the reflected border), ``count[p]`` the number of pixels
+    summed, ``ok[p]`` whether
     SSIM is defined (finite maps, data range > 0)."""
     c, h, w = b.shape
     n = 25.0
     k1 = n * n * 0.01 * 0.01
     k2 = n * (n - 1.0) * 0.03 * 0.03
     dt = a.dtype
-    x = np.empty((h, w), dtype=dt)
-    y = np.empty((h, w), dtype=dt)
-    pp = np.empty((h, w), dtype=dt)
-    qq = np.empty((h, w), dtype=dt)
-    vx = np.empty(w, dtype=dt)
-    vy = np.empty(w, dtype=dt)
-    vp = np.empty(w, dtype=dt)
-    vq = np.empty(w, dtype=dt)
-    acc = np.empty(w - 4, dtype=np.float64)
-    srow = np.empty(w - 4, dtype=dt)
+    # the maps with a 2-pixel 'reflect' border (read only where a kept pixel's window is)
+    x = np.empty((h + 4, w + 4), dtype=dt)
+    y = np.empty((h + 4, w + 4), dtype=dt)
+    pp = np.empty((h + 4, w + 4), dtype=dt)
+    qq = np.empty((h + 4, w + 4), dtype=dt)
+    vx = np.empty(w + 4, dtype=dt)
+    vy = np.empty(w + 4, dtype=dt)
+    vp = np.empty(w + 4, dtype=dt)
+    vq = np.empty(w + 4, dtype=dt)
+    acc = np.empty(w, dtype=np.float64)
+    srow = np.empty(w, dtype=dt)
+    # rows (and columns) summed: the interior without a mask, every row with one
+    first, last = (0, h) if use_keep else (2, h - 2)
+    jfirst, jlast = (0, w) if use_keep else (2, w - 2)
     for p in range(c):
         alo, ahi, blo, bhi = lo[0, p], hi[0, p], lo[1, p], hi[1, p]
         finite = np.isfinite(alo) and np.isfinite(ahi) and np.isfinite(blo) and np.isfinite(bhi)
@@ -69,10 +75,20 @@ def ssim_sums(a, b, lo, hi, keep, use_keep, total, count, ok):
         shift = centre * inv * dt.type(n)
         ap = a[0] if a.shape[0] == 1 else a[p]
         bp = b[p]
-        for i in range(h):
-            for j in range(w):
-                xv = (ap[i, j] - centre) * inv
-                yv = (bp[i, j] - centre) * inv
+        for i in range(h + 4):
+            si = i - 2  # reflect: -1 -> 0, -2 -> 1, h -> h-1, h+1 -> h-2
+            if si < 0:
+                si = -si - 1
+            elif si >= h:
+                si = 2 * h - si - 1
+            for j in range(w + 4):
+                sj = j - 2
+                if sj < 0:
+                    sj = -sj - 1
+                elif sj >= w:
+                    sj = 2 * w - sj - 1
+                xv = (ap[si, sj] - centre) * inv
+                yv = (bp[si, sj] - centre) * inv
                 x[i, j] = xv
                 y[i, j] = yv
                 pp[i, j] = xv * xv + yv * yv
@@ -84,13 +100,13 @@ def ssim_sums(a, b, lo, hi, keep, use_keep, total, count, ok):
         cn = dt.type(n)
         ck1 = dt.type(k1)
         ck2 = dt.type(k2)
-        for i in range(h - 4):
-            for j in range(w):
+        for i in range(first, last):  # pixel row i: padded rows i .. i+4
+            for j in range(jfirst, jlast + 4):
                 vx[j] = ((x[i, j] + x[i + 1, j]) + (x[i + 2, j] + x[i + 3, j])) + x[i + 4, j]
                 vy[j] = ((y[i, j] + y[i + 1, j]) + (y[i + 2, j] + y[i + 3, j])) + y[i + 4, j]
                 vp[j] = ((pp[i, j] + pp[i + 1, j]) + (pp[i + 2, j] + pp[i + 3, j])) + pp[i + 4, j]
                 vq[j] = ((qq[i, j] + qq[i + 1, j]) + (qq[i + 2, j] + qq[i + 3, j])) + qq[i + 4, j]
-            for j in range(w - 4):
+            for j in range(jfirst, jlast):
                 sx = ((vx[j] + vx[j + 1]) + (vx[j + 2] + vx[j + 3])) + vx[j + 4]
                 sy = ((vy[j] + vy[j + 1]) + (vy[j + 2] + vy[j + 3])) + vy[j + 4]
                 sp = ((vp[j] + vp[j + 1]) + (vp[j + 2] + vp[j + 3])) + vp[j + 4]
@@ -103,16 +119,16 @@ def ssim_sums(a, b, lo, hi, keep, use_keep, total, count, ok):
                 den1 = tx * tx + ty * ty + ck1
                 srow[j] = (num1 * num2) / (den1 * den2)
             if use_keep:
-                kr = keep[p, i + 2]
-                for j in range(w - 4):
-                    if kr[j + 2]:
+                kr = keep[p, i]
+                for j in range(w):
+                    if kr[j]:
                         acc[j] += srow[j]
                         cnt += 1.0
             else:
-                for j in range(w - 4):
+                for j in range(jfirst, jlast):
                     acc[j] += srow[j]
         t = 0.0
-        for j in range(w - 4):
+        for j in range(w):
             t += acc[j]
         total[p] = t
         count[p] = cnt if use_keep else float((h - 4) * (w - 4))

@@ -35,22 +35,43 @@ class DataConfig:
     root: str = "data"
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
+CLIP_MODES = ("norm", "value")
+PLATEAU_METRICS = ("val_loss", "val_acc", "train_loss")
+AUGMENTS = ("none", "flip", "trivial")
+BACKBONE_MODES = ("eval", "train")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 6
-    save_epochs: tuple[int, ...] = (1, 2, 3, 4, 5)
+    """The training recipe (params ``train``; ``cose.training.fit`` takes it too).
+
+    Defaults: plain fine-tuning of the whole model (Adam 8e-4, weight decay 1e-3, gradient
+    norm clipped at 0.1, ReduceLROnPlateau(patience 10, factor 0.1), epochs counted from 1).
+    The paper presets (params/paper/) set the official recipe of each dataset: a frozen
+    backbone in train mode, per-dataset heads, lr and epochs, clipping by value,
+    ReduceLROnPlateau(patience 2, factor 1e-5), ModifiedTrivial augmentation and 0-based
+    checkpoint names; ``per_model`` holds one model's exceptions (SparK, DINO ResNet50)."""
+
+    epochs: int = 20
+    save_epochs: tuple[int, ...] = ()
+    # how save_epochs and checkpoint names count epochs: 1 (epoch_005 = after 5 epochs) or 0
+    # (the official _eNNN: the 0-based epoch index, e004 = after 5 epochs; e019 of 20 = final)
+    checkpoint_base: int = 1
     batch_size: int = 64
     lr: float = 8e-4
     weight_decay: float = 1e-3
-    grad_clip: float = 0.1
-    grad_clip_mode: str = "norm"
+    momentum: float = 0.9                # sgd only
+    grad_clip: float = 0.1               # 0 disables
+    grad_clip_mode: str = "norm"         # clip_grad_norm_, or clip_grad_value_ (official)
     optimizer: str = "adam"
     freeze_backbone: bool = False
+    backbone_mode: str = "eval"          # a frozen backbone's mode: eval, or train (official)
     head: str = "linear"
-    plateau_metric: str = "val_loss"
-    plateau_patience: int = 2
-    plateau_factor: float = 0.5
-    augment: str = "none"
+    plateau_metric: str = "val_loss"     # ReduceLROnPlateau
+    plateau_patience: int = 10
+    plateau_factor: float = 0.1
+    augment: str = "none"                # none | flip | trivial (the official ModifiedTrivial)
     amp: bool = True
     eval_batch_size: int = 256
     num_workers: int = 0
@@ -58,6 +79,84 @@ class TrainConfig:
     # model name -> pretrained weights: a local file (any published layout), "hub" or
     # "hub:<timm tag>" (online only); unlisted models start from random init
     weights: dict[str, Any] = field(default_factory=dict)
+    # model name -> {param: value}: this model's exceptions to the recipe
+    per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, prefix: str = "train") -> None:
+        """One-line ConfigError (a ValueError) for a value outside its range."""
+        def need(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                raise ConfigError(f"{prefix}.{key}: got {getattr(self, key)!r}, expected "
+                                  f"{expected}")
+
+        need(self.epochs > 0, "epochs", "> 0")
+        need(self.batch_size > 0, "batch_size", "> 0")
+        need(self.lr > 0, "lr", "> 0")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        need(self.grad_clip >= 0, "grad_clip", ">= 0")
+        need(self.grad_clip_mode in CLIP_MODES, "grad_clip_mode", f"one of {CLIP_MODES}")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
+        need(self.backbone_mode in BACKBONE_MODES, "backbone_mode", f"one of {BACKBONE_MODES}")
+        need(0 < self.plateau_factor < 1, "plateau_factor", "in (0, 1)")
+        need(self.plateau_patience >= 0, "plateau_patience", ">= 0")
+        need(self.plateau_metric in PLATEAU_METRICS, "plateau_metric",
+             f"one of {PLATEAU_METRICS}")
+        need(self.augment in AUGMENTS, "augment", f"one of {AUGMENTS}")
+        need(self.eval_batch_size > 0, "eval_batch_size", "> 0")
+        need(self.num_workers >= 0, "num_workers", ">= 0")
+        need(self.checkpoint_base in (0, 1), "checkpoint_base", "0 or 1")
+        if self.max_train_images is not None:
+            need(self.max_train_images > 0, "max_train_images", "> 0 or null")
+        try:
+            spec.head_widths(self.head)
+        except ValueError:
+            raise ConfigError(f"{prefix}.head: got {self.head!r}; allowed: linear, mlp, "
+                              "mlp-<width>[-<width>...]") from None
+        first, last = self.epoch_range()
+        for e in self.save_epochs:
+            if not first <= e <= last:
+                what = ("intermediate epochs" if self.checkpoint_base == 1 else
+                        "0-based epoch indices")
+                raise ConfigError(f"{prefix}.save_epochs: epoch {e} outside {first}..{last} "
+                                  f"({what})")
+
+    def epoch_range(self) -> tuple[int, int]:
+        """The checkpoint labels ``save_epochs`` may hold: 1..epochs-1 (after that many
+        epochs, final excluded) or, 0-based, 0..epochs-1 (the official, final included)."""
+        return (1, self.epochs - 1) if self.checkpoint_base == 1 else (0, self.epochs - 1)
+
+    def label(self, epoch: int) -> int:
+        """The checkpoint label of the state after ``epoch`` epochs (counted from 1)."""
+        return epoch - 1 + self.checkpoint_base
+
+    def for_model(self, model: str) -> TrainConfig:
+        """This recipe with ``per_model[model]`` applied (no ``per_model`` left)."""
+        over = self.per_model.get(model, {})
+        fields_ = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        kwargs = {}
+        for key, value in over.items():
+            where = f"train.per_model.{model}.{key}"
+            if key not in fields_ or key in ("per_model", "weights"):
+                allowed = sorted(k for k in fields_ if k not in ("per_model", "weights"))
+                raise ConfigError(f"{where}: unknown key; allowed: {', '.join(allowed)}")
+            kwargs[key] = _coerce(where, value, fields_[key].default, str(fields_[key].type))
+        try:
+            merged = dataclasses.replace(self, per_model={}, **kwargs)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("train.", f"train.per_model.{model}.", 1)) from None
+        return merged
+
+    @classmethod
+    def from_config(cls, obj: Any) -> TrainConfig:
+        """From any object or mapping with (a subset of) these fields; others are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        src = obj if isinstance(obj, dict) else {n: getattr(obj, n) for n in names
+                                                 if hasattr(obj, n)}
+        return cls(**{k: v for k, v in src.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -113,6 +212,10 @@ class Config:
     explain: ExplainConfig = ExplainConfig()
     compile: CompileConfig = CompileConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    def train_for(self, model: str) -> TrainConfig:
+        """The training recipe of ``model``: ``train`` with its ``train.per_model`` entry."""
+        return self.train.for_model(model)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (fingerprints shards and checkpoints)."""
@@ -241,21 +344,7 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
 
         _check_names("datasets", cfg.datasets, tuple(data_registry.names()))
         _check_names("models", cfg.models, tuple(model_registry.names()))
-    t = cfg.train
-    _check_positive("train.epochs", t.epochs)
-    _check_positive("train.batch_size", t.batch_size)
-    _check_positive("train.lr", t.lr)
-    _check_positive("train.weight_decay", t.weight_decay, allow_zero=True)
-    _check_positive("train.grad_clip", t.grad_clip, allow_zero=True)
-    if t.head not in ("linear", "mlp"):
-        raise ConfigError(f"train.head: got {t.head!r}; allowed: linear, mlp")
-    for e in t.save_epochs:
-        if not 1 <= e < t.epochs:
-            raise ConfigError(
-                f"train.save_epochs: epoch {e} outside 1..{t.epochs - 1} (intermediate epochs)"
-            )
-    if t.max_train_images is not None:
-        _check_positive("train.max_train_images", t.max_train_images)
+    t = cfg.train  # its own ranges are checked when it is built (TrainConfig.check)
     for model, w in t.weights.items():
         if w is not None and not isinstance(w, str):
             raise ConfigError(f"train.weights.{model}: got {w!r}, expected a path, 'hub' or null")
@@ -263,13 +352,16 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
             raise ConfigError(
                 f"train.weights.{model}: not in models; allowed: {', '.join(cfg.models)}"
             )
-    if check_registries:
-        from cose import training
+    for model, over in t.per_model.items():
+        if not isinstance(over, dict):
+            raise ConfigError(f"train.per_model.{model}: got {over!r}, expected a mapping")
+        if check_registries:
+            from cose import models as model_registry
 
-        try:  # the recipe's own checks (optimizer, clip mode, plateau metric, augment, ...)
-            training.TrainConfig.from_config(t)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            if model not in model_registry.names():
+                raise ConfigError(f"train.per_model.{model}: unknown model; allowed: "
+                                  f"{', '.join(model_registry.names())}")
+        t.for_model(model)  # the merged recipe's own checks
     e = cfg.explain
     _check_positive("explain.images", e.images)
     for method, n in e.images_by_method.items():

@@ -6,8 +6,9 @@ return one float64 value per sample (float32 on MPS).
 - ``ssim``: skimage ``structural_similarity(a, b, win_size=5, data_range=max(range(a),
   range(b)), full=True)``: uniform 5x5 window, sample covariance, K1=0.01, K2=0.03, scipy
   ``reflect`` borders. Without a mask the mean of the SSIM image minus its 2-pixel border (what
-  skimage returns); with a mask the mean of the SSIM image over the mask eroded by a 5x5
-  square, pixels within 2 of the image border eroded too (so an all-True mask equals no mask).
+  skimage returns); with a mask the mean of the full SSIM image over the mask eroded by a 5x5
+  square as skimage's ``binary_erosion`` erodes it (outside the image counts as set, so the
+  image border is not eroded): the reference's ``get_similarity``.
   NaN where undefined: both maps constant (data range 0), non-finite values, empty eroded mask.
 - ``spearman``: scipy ``spearmanr`` (ranks with averaged ties, Pearson of the ranks) over all
   pixels or the masked ones. NaN where undefined: fewer than 2 pixels, a constant side,
@@ -217,13 +218,15 @@ def _and5(p: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def erode_mask(mask: torch.Tensor, win: int = WIN_SIZE) -> torch.Tensor:
-    """Erode bool [B,H,W] by a ``win`` x ``win`` square; outside the image counts as False."""
+    """Erode bool [B,H,W] by a ``win`` x ``win`` square; outside the image counts as True, as
+    skimage's ``binary_erosion`` (the reference's ``get_similarity``) treats it: only the edges
+    of the valid region inside the image are eroded, not the image border."""
     pad = win // 2
     if win != 5:
-        outside = F.pad((~mask).unsqueeze(1).to(torch.float32), (pad,) * 4, value=1.0)
+        outside = F.pad((~mask).unsqueeze(1).to(torch.float32), (pad,) * 4, value=0.0)
         return F.max_pool2d(outside, kernel_size=win, stride=1).squeeze(1) == 0
     b, h, w = mask.shape
-    padded = torch.zeros((b, h + 2 * pad, w + 2 * pad), dtype=torch.bool, device=mask.device)
+    padded = torch.ones((b, h + 2 * pad, w + 2 * pad), dtype=torch.bool, device=mask.device)
     padded[:, pad : pad + h, pad : pad + w] = mask
     return _and5(_and5(padded, 1), 2)
 
@@ -232,8 +235,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
     """Per-sample SSIM of maps ``a``, ``b`` [B,H,W] (skimage semantics, win 5); Tensor[B].
 
     ``data_range`` per sample is the larger of the two maps' ranges (max - min over the whole
-    map, mask or not). With ``mask`` (bool [B,H,W]) the SSIM image is averaged over the mask
-    eroded by 5x5. NaN where undefined.
+    map, mask or not). With ``mask`` (bool [B,H,W]) the full SSIM image (border included) is
+    averaged over the mask eroded by 5x5 (:func:`erode_mask`). NaN where undefined.
     """
     with _cpu_workers(a.device if isinstance(a, torch.Tensor) else torch.device("cpu")) as n:
         return _ssim(a, b, mask, n)

@@ -281,6 +281,25 @@ UNSIGNED: tuple[str, ...] = tuple(t for t in TRANSFORMS if t not in MAX_MAGNITUD
 #: numeric precision of the saliency passes (cose.precision)
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 
+# --------------------------------------------------------------------------- heads
+
+#: classification heads: linear, mlp (1024-256), or mlp-<w>[-<w>...] (hidden widths)
+HEADS: tuple[str, ...] = ("linear", "mlp", "mlp-<w>[-<w>...]")
+
+
+def head_widths(head: Any) -> tuple[int, ...]:
+    """Hidden widths of a head name (``linear`` -> (), ``mlp`` -> (1024, 256), ``mlp-256`` ->
+    (256,)); ValueError naming the allowed forms otherwise."""
+    if head == "linear":
+        return ()
+    if head == "mlp":
+        return (1024, 256)
+    if isinstance(head, str) and re.fullmatch(r"mlp(-[1-9][0-9]*)+", head):
+        return tuple(int(w) for w in head.split("-")[1:])
+    raise ValueError(f"head {head!r} not allowed; use linear, mlp (1024-256) or "
+                     "mlp-<width>[-<width>...], e.g. mlp-1024")
+
+
 # --------------------------------------------------------------------------- display names
 
 _DATASET_DISPLAY = {

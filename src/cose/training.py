@@ -1,14 +1,18 @@
 """The reference's training recipe as parameters, with atomic checkpoints and exact resume.
 
-Recipe (REFERENCE.md): new head on a (pretrained) backbone, Adam (lr 8e-4, weight decay 1e-3 as
-L2), gradient-norm clipping 0.1, ReduceLROnPlateau on the validation loss, checkpoints at the
-chosen epochs. The backbone is fine-tuned or frozen (``freeze_backbone``: only the head trains
-and the backbone's norm layers stay in eval mode). On CUDA the forward runs under bf16
-autocast (``amp``). Epochs are numbered from 1.
+Recipe (:class:`cose.config.TrainConfig`, REFERENCE.md): a new head on a (pretrained)
+backbone, frozen or fine-tuned (``freeze_backbone``; ``backbone_mode`` says whether the frozen
+backbone runs in train mode, as the official ``model.train()`` does, or eval mode), Adam /
+AdamW / SGD, gradients clipped by value (official) or norm, ReduceLROnPlateau on the
+validation loss, ModifiedTrivial augmentation (``augment: trivial``: per image one of the 13
+COSE transforms or the identity, a random bin and sign), checkpoints at the chosen epochs. On
+CUDA the forward runs under bf16 autocast (``amp``).
 
-Files in ``ckpt_dir``: ``epoch_NNN.pt`` after each epoch in ``save_epochs``, ``last.pt`` (model,
+Files in ``ckpt_dir``: ``epoch_NNN.pt`` for each label in ``save_epochs`` (``checkpoint_base``
+1: after NNN epochs; 0: the official 0-based index, after NNN+1 epochs), ``last.pt`` (model,
 optimizer, scheduler, RNG states, history) after every epoch, ``final.pt`` at the end (then
-``last.pt`` is removed unless ``keep_last``); all are written to a temporary name and renamed. ``epoch_NNN.pt`` / ``final.pt`` are COSE checkpoints
+``last.pt`` is removed unless ``keep_last``); all are written to a temporary name and renamed.
+``epoch_NNN.pt`` / ``final.pt`` are COSE checkpoints
 that ``cose.models.create(name, C, weights=path)`` loads. When ``last.pt`` exists (an
 interrupted run) ``fit`` continues from it; the shuffling of epoch ``e`` is drawn from a
 generator seeded with ``(seed, e)`` and the global RNG state is restored, so a resumed run ends
@@ -24,7 +28,6 @@ import math
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,64 +35,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+# the recipe's parameters live in cose.config (one TrainConfig for params and this module)
+from cose.config import AUGMENTS, CLIP_MODES, OPTIMIZERS, PLATEAU_METRICS, TrainConfig
 from cose.models import cose_checkpoint, head_module
 
 log = logging.getLogger("cose.training")
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-CLIP_MODES = ("norm", "value")
-PLATEAU_METRICS = ("val_loss", "val_acc", "train_loss")
-AUGMENTS = ("none", "flip")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training parameters (defaults: the reference recipe)."""
-
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 8e-4
-    weight_decay: float = 1e-3
-    grad_clip: float = 0.1  # 0 disables
-    grad_clip_mode: str = "norm"  # clip_grad_norm_ or clip_grad_value_
-    freeze_backbone: bool = False
-    head: str = "linear"  # informational here: the head is built by cose.models.create
-    optimizer: str = "adam"
-    plateau_factor: float = 0.1
-    plateau_patience: int = 10
-    plateau_metric: str = "val_loss"
-    augment: str = "none"  # none | flip (random horizontal flip)
-    amp: bool = True  # bf16 autocast on CUDA
-    eval_batch_size: int = 256
-    num_workers: int = 0  # DataLoader workers when the training set is a Dataset
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, "epochs", ">= 1"),
-            (self.batch_size >= 1, "batch_size", ">= 1"),
-            (self.lr > 0, "lr", "> 0"),
-            (self.weight_decay >= 0, "weight_decay", ">= 0"),
-            (self.grad_clip >= 0, "grad_clip", ">= 0"),
-            (self.grad_clip_mode in CLIP_MODES, "grad_clip_mode", f"one of {CLIP_MODES}"),
-            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
-            (0 < self.plateau_factor < 1, "plateau_factor", "in (0, 1)"),
-            (self.plateau_patience >= 0, "plateau_patience", ">= 0"),
-            (self.plateau_metric in PLATEAU_METRICS, "plateau_metric", f"one of {PLATEAU_METRICS}"),
-            (self.augment in AUGMENTS, "augment", f"one of {AUGMENTS}"),
-            (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
-        ]
-        for ok, key, allowed in checks:
-            if not ok:
-                raise ValueError(f"train.{key}: got {getattr(self, key)!r}, expected {allowed}")
-
-    @classmethod
-    def from_config(cls, obj: Any) -> TrainConfig:
-        """From any object or mapping with (a subset of) these fields; others are ignored."""
-        src = obj if isinstance(obj, dict) else {
-            f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)
-        }
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in src.items() if k in names})
+__all__ = ["AUGMENTS", "CLIP_MODES", "OPTIMIZERS", "PLATEAU_METRICS", "TrainConfig",
+           "atomic_save", "evaluate", "fit", "save_weights", "trivial_augment"]
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -133,6 +86,37 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
+
+
+#: the official ModifiedTrivial's operations: the identity and the 13 COSE transforms
+TRIVIAL_OPS: tuple[str, ...] = ("Identity",) + tuple(
+    t for t in ("TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+                "Sharpness", "AutoContrast", "Equalize", "FlipLR", "FlipUD", "Blur", "Smooth"))
+
+
+def trivial_augment(images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The official training augmentation (ModifiedTrivial, TrivialAugmentWide's rule over the
+    COSE transforms): per image an operation drawn uniformly from :data:`TRIVIAL_OPS`, a bin
+    uniformly from the 31 of its float32 grid (0 included) and a sign for the signed ones."""
+    from cose import transforms as T
+
+    b = images01.shape[0]
+    op = torch.randint(len(TRIVIAL_OPS), (b,), generator=generator)
+    bins = torch.randint(T.NUM_BINS, (b,), generator=generator)
+    signs = torch.randint(2, (b,), generator=generator) * -2 + 1
+    out = images01.clone()
+    size = tuple(images01.shape[-2:])
+    for k, name in enumerate(TRIVIAL_OPS):
+        rows = (op == k).nonzero().flatten()
+        if name == "Identity" or len(rows) == 0:
+            continue
+        mags = None
+        if name in T.SIGNED:
+            positive = torch.tensor([0.0] + [v for v in T.magnitude_grid(name, size) if v > 0])
+            mags = positive[bins[rows]] * signs[rows]
+        idx = rows.to(images01.device)
+        out[idx] = T.apply(name, images01[idx], mags)
+    return out
 
 
 def _batches(
@@ -194,11 +178,11 @@ def _trainable(model: nn.Module, freeze: bool) -> list[nn.Parameter]:
     return list(head.parameters())
 
 
-def _train_mode(model: nn.Module, freeze: bool) -> None:
-    if freeze:
-        model.eval()
+def _train_mode(model: nn.Module, cfg: TrainConfig) -> None:
+    if cfg.freeze_backbone and cfg.backbone_mode == "eval":
+        model.eval()  # BatchNorm statistics and dropout of the frozen backbone stay fixed
         head_module(model).train()
-    else:
+    else:  # the official model.train(): a frozen backbone's BatchNorm still updates its stats
         model.train()
 
 
@@ -207,7 +191,8 @@ def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
 
 
 def _fingerprint(model: nn.Module, cfg: TrainConfig, seed: int, save_epochs: tuple[int, ...],
@@ -240,9 +225,11 @@ def fit(
     written unless ``keep_last``."""
     ckpt_dir = Path(ckpt_dir)
     save_epochs = tuple(sorted({int(e) for e in save_epochs}))
-    bad = [e for e in save_epochs if not 1 <= e <= cfg.epochs]
+    first, last = cfg.checkpoint_base, cfg.epochs - 1 + cfg.checkpoint_base
+    bad = [e for e in save_epochs if not first <= e <= last]
     if bad:
-        raise ValueError(f"save_epochs {bad} outside 1..{cfg.epochs}")
+        raise ValueError(f"save_epochs {bad} outside {first}..{last} (checkpoint_base "
+                         f"{cfg.checkpoint_base})")
     n_train = _size(train_images)
     if n_train == 0:
         raise ValueError("no training images")
@@ -275,11 +262,14 @@ def fit(
             log.info("resuming from %s after epoch %d", last, start - 1)
 
         for epoch in range(start, cfg.epochs + 1):
-            _train_mode(model, cfg.freeze_backbone)
+            _train_mode(model, cfg)
+            augment = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
             loss_sum, correct, seen = 0.0, 0, 0
             order = _epoch_order(n_train, seed, epoch)
             for x, y in _batches(train_images, train_labels, order, cfg.batch_size, cfg.num_workers):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if cfg.augment == "trivial":
+                    x = trivial_augment(x, augment)
                 if cfg.augment == "flip":
                     flip = torch.rand(len(x), generator=None) < 0.5
                     x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(-1), x)
@@ -308,8 +298,9 @@ def fit(
             sched.step(monitor)
             metrics["lr"] = float(opt.param_groups[0]["lr"])
             history.append({"epoch": epoch, **metrics})
-            if epoch in save_epochs:
-                save_weights(model, ckpt_dir / f"epoch_{epoch:03d}.pt", epoch=epoch)
+            label = cfg.label(epoch)
+            if label in save_epochs:
+                save_weights(model, ckpt_dir / f"epoch_{label:03d}.pt", epoch=epoch)
             atomic_save({
                 "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

@@ -6,9 +6,10 @@ the layer GradCAM hooks (and the reshape of token activations to ``[B,C,h,w]``).
 """
 
 from cose.data.image import PreprocessSpec
+from cose.spec import HEADS
 
 from .cam import NHWCToNCHW, TokenReshape, cam_layer
-from .heads import HEADS, MLPHead, head_module, set_head
+from .heads import MLPHead, head_module, set_head
 from .registry import DEMO_MODELS, REGISTRY, ModelSpec, create, get, names, normalize, preprocess
 from .weights import (
     cose_checkpoint,

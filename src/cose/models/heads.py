@@ -1,10 +1,16 @@
-"""Classification heads of the reference (linear, or MLP 1024-256-C) and where they sit."""
+"""Classification heads of the reference and where they sit.
+
+A head is named ``linear``, ``mlp`` (1024-256-C, the reference's CIFAR10 head) or
+``mlp-<w>[-<w>...]`` with the hidden widths (``mlp-1024``: Oxford102 and Caltech101,
+``mlp-256``: EuroSAT), ReLU between layers.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-HEADS = ("linear", "mlp")
+from cose.spec import head_widths
+
 MLP_HIDDEN = (1024, 256)
 
 
@@ -40,16 +46,17 @@ def head_module(model: nn.Module) -> nn.Module:
 
 
 def set_head(model: nn.Module, head: str, num_classes: int) -> None:
-    """Replace the model's classifier by a fresh ``head`` ("linear" or "mlp") for ``num_classes``."""
-    if head not in HEADS:
-        raise ValueError(f"head {head!r} not allowed; use one of {HEADS}")
+    """Replace the model's classifier by a fresh ``head`` (``linear``, ``mlp``, ``mlp-<w>...``)
+    for ``num_classes``."""
+    widths = head_widths(head)
     path = classifier_path(model)
     old = model.get_submodule(path)
     in_features = getattr(old, "in_features", None) or getattr(model, "num_features", None)
     if in_features is None:
         raise ValueError(f"cannot tell the feature width of {type(model).__name__}'s classifier")
     new: nn.Module = (
-        nn.Linear(in_features, num_classes) if head == "linear" else MLPHead(in_features, num_classes)
+        nn.Linear(in_features, num_classes) if not widths
+        else MLPHead(in_features, num_classes, widths)
     )
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model

@@ -1,14 +1,19 @@
 """LIME as the `lime` package computes it, with the model calls batched across images.
 
-Per image, exactly lime_image.LimeImageExplainer(kernel_width=0.25, random_state=seed)
-.explain_instance(image, classifier_fn, hide_color=0, num_samples=samples, ...) followed by
+Per image, exactly the reference's call: with numpy's global stream freshly seeded by `seed`,
+lime_image.LimeImageExplainer().explain_instance(image, classifier_fn, top_labels=5,
+hide_color=0, random_seed=seed, num_samples=samples) followed by
 get_image_and_mask(target, positive_only=False, num_features=num_features):
 
-- `image` is the tensor the model receives (normalised), as HWC float64 numpy;
-- quickshift superpixels (lime's default: kernel_size=4, max_dist=200, ratio=0.2, seed drawn
-  from the explainer's RandomState), through lime's own SegmentationAlgorithm wrapper;
-- the same RandomState then draws the on/off matrix (row 0 all on); a hidden superpixel is set
-  to 0 (hide colour 0, in the normalised space the model sees);
+- `image` is the tensor the model receives (normalised), as HWC float32 numpy (the reference's
+  `np.moveaxis(inputs.numpy(), 0, 2)`; quickshift on a float64 copy finds other superpixels
+  on some images);
+- quickshift superpixels (lime's default: kernel_size=4, max_dist=200, ratio=0.2,
+  random_seed=seed), through lime's own SegmentationAlgorithm wrapper;
+- a RandomState(seed) draws the on/off matrix (row 0 all on), as the reference's explainer
+  draws it from numpy's global stream (seeded once per run there: its state then depends on
+  every earlier draw, which no rerun reproduces); a hidden superpixel is set to 0 (hide
+  colour 0, in the normalised space the model sees);
 - classifier_fn = softmax of the model; here every perturbed image of every image in the call
   goes through the model `batch_size` at a time on the model's device, each distinct on/off
   pattern of an image once (lime evaluates repeats again; the outputs are the same);
@@ -41,8 +46,8 @@ def _kernel(d: np.ndarray) -> np.ndarray:
     return np.sqrt(np.exp(-(d**2) / KERNEL_WIDTH**2))
 
 
-def segment(image_hwc: np.ndarray, random_state: np.random.RandomState) -> np.ndarray:
-    """lime's default segmentation of one HWC image, consuming `random_state` as lime does."""
+def segment(image_hwc: np.ndarray, random_seed: int) -> np.ndarray:
+    """lime's default segmentation of one HWC image (quickshift seeded by `random_seed`)."""
     from lime.wrappers.scikit_image import SegmentationAlgorithm
     from skimage.color import gray2rgb
 
@@ -52,7 +57,6 @@ def segment(image_hwc: np.ndarray, random_state: np.random.RandomState) -> np.nd
         img = gray2rgb(image_hwc[..., 0])
     else:
         img = gray2rgb(image_hwc.mean(2))
-    random_seed = random_state.randint(0, high=1000)
     seg = SegmentationAlgorithm(
         "quickshift", kernel_size=4, max_dist=200, ratio=0.2, random_seed=random_seed
     )
@@ -76,11 +80,12 @@ def compute(
     x = images.detach().float()
     B, C, H, W = x.shape
     dev = x.device
-    hwc = x.permute(0, 2, 3, 1).double().cpu().numpy()
+    hwc = x.permute(0, 2, 3, 1).cpu().numpy()  # float32, as the reference segments it
 
     def prepare(i):
         rs = np.random.RandomState(None if seed is None else int(seed))
-        seg = segment(hwc[i], rs)
+        # seed None: a fresh segmentation seed too (lime draws one from its RandomState)
+        seg = segment(hwc[i], rs.randint(0, high=1000) if seed is None else int(seed))
         n_feat = np.unique(seg).shape[0]
         data = rs.randint(0, 2, samples * n_feat).reshape((samples, n_feat))
         data[0, :] = 1

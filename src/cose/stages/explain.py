@@ -107,7 +107,8 @@ def plan(cfg: Config) -> list[Unit]:
                          "model": model, "method": method, "settings": settings,
                          "images": list(sel.test_idx[start:stop]),
                          "draws": {t: d[start:stop].tolist() for t, d in sel.draws.items()},
-                         "code": code, "ckpt": ckpt, "save_epochs": cfg.train.save_epochs},
+                         "code": code, "ckpt": ckpt,
+                         "save_epochs": cfg.train_for(model).save_epochs},
                         sort_keys=True, default=str,
                     )
                     fp = hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -167,7 +168,7 @@ def _context_key(cfg: Config, dataset: str, model: str) -> tuple:
     e = cfg.explain
     images = tuple(common.selection(cfg, dataset, model, m).test_idx for m in cfg.methods)
     return (dataset, model, common.code_hash(), checkpoint_hash(dataset, model), cfg.data.root,
-            images, cfg.train.save_epochs, e.random_model, e.mid_ckpt)
+            images, cfg.train_for(model).save_epochs, e.random_model, e.mid_ckpt)
 
 
 def _load_host(cfg: Config, dataset: str, model: str) -> tuple[tuple, dict[str, Any]]:
@@ -180,7 +181,7 @@ def _load_host(cfg: Config, dataset: str, model: str) -> tuple[tuple, dict[str, 
     files = {"final": d / "final.pt"}
     if cfg.explain.random_model:
         files["random"] = d / "random.pt"
-    for e in cfg.train.save_epochs if cfg.explain.mid_ckpt else ():
+    for e in cfg.train_for(model).save_epochs if cfg.explain.mid_ckpt else ():
         files[f"mid_ckpt_e{e:03d}"] = d / f"epoch_{e:03d}.pt"
     nc = common.num_classes(cfg, dataset)
     loaded = dict(zip(files, models.load_checkpoints(model, nc, list(files.values()))))

@@ -6,6 +6,7 @@ sensitivity), final.pt, random.pt (the seeded random-init model) and metrics.jso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -50,12 +51,13 @@ def train_one(cfg: Config, dataset: str, model_name: str, journal: Journal) -> d
     dev = common.device()
     nc = common.num_classes(cfg, dataset)
     spec = models.preprocess(model_name)
-    tr_x, tr_y = load_training_split(cfg, dataset, "train", spec, cfg.train.max_train_images)
+    recipe = cfg.train_for(model_name)
+    tr_x, tr_y = load_training_split(cfg, dataset, "train", spec, recipe.max_train_images)
     te_x, te_y = load_training_split(cfg, dataset, "test", spec)
     out = common.ckpt_dir(dataset, model_name)
     out.mkdir(parents=True, exist_ok=True)
 
-    head = cfg.train.head
+    head = recipe.head
     random_model = models.create(model_name, nc, seed=cfg.seed + 1, head=head)
     training.save_weights(random_model, out / "random.pt")
 
@@ -65,7 +67,8 @@ def train_one(cfg: Config, dataset: str, model_name: str, journal: Journal) -> d
     run.log_params({"dataset": dataset, "model": model_name, "num_classes": nc,
                     "train_images": len(tr_x), "test_images": len(te_x), "device": str(dev),
                     "weights": weights or "random-init"})
-    run.log_params(cfg.to_dict()["train"], prefix="train.")
+    run.log_params({k: v for k, v in dataclasses.asdict(recipe).items()
+                    if k not in ("weights", "per_model")}, prefix="train.")
 
     def on_epoch(epoch: int, metrics: dict) -> None:
         run.log_metrics(metrics, step=epoch)
@@ -73,15 +76,14 @@ def train_one(cfg: Config, dataset: str, model_name: str, journal: Journal) -> d
                  ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     history = training.fit(
-        model, tr_x, tr_y, te_x, te_y,
-        training.TrainConfig.from_config(cfg.train),
-        ckpt_dir=out, save_epochs=cfg.train.save_epochs, seed=cfg.seed,
+        model, tr_x, tr_y, te_x, te_y, recipe,
+        ckpt_dir=out, save_epochs=recipe.save_epochs, seed=cfg.seed,
         normalize_fn=lambda x: models.normalize(x, model_name),
         on_epoch=on_epoch, quiet=common.quiet(),
     )
     final = history[-1]
     metrics = {"train_accuracy": final.get("train_acc"), "test_accuracy": final.get("val_acc"),
-               "epochs": cfg.train.epochs}
+               "epochs": recipe.epochs}
     run.log_metrics({k: v for k, v in metrics.items() if v is not None})
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
