@@ -153,7 +153,9 @@ def test_compose_mlflow_server_settings():
     assert "--artifacts-destination=s3://" in command
     hosts = re.search(r"--allowed-hosts=(\S+)", command).group(1).split(",")
     assert "mlflow:5000" in hosts and "127.0.0.1:*" in hosts
+    assert "--app-name=basic-auth" in command  # no anonymous access to the server
     env = mlflow["environment"]
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -175,7 +177,8 @@ def test_compose_credentials_come_from_env_file():
     text = COMPOSE.read_text()
     used = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)", text))
     required = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+):\?", text))
-    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"} <= required
+    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "DVC_S3_SECRET_KEY",
+            "MLFLOW_S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD"} <= required
     example = {line.split("=", 1)[0] for line in ENV_EXAMPLE.read_text().splitlines()
                if line and not line.startswith("#") and "=" in line}
     assert used <= example, f"missing from .env.example: {sorted(used - example)}"
@@ -184,6 +187,77 @@ def test_compose_credentials_come_from_env_file():
         for key, value in (svc.get("environment") or {}).items():
             if re.search(r"PASSWORD|SECRET|ACCESS_KEY|BACKEND_STORE_URI", key):
                 assert "${" in str(value), f"{name}: {key} is a literal, take it from .env"
+
+
+def test_compose_services_non_root_without_capabilities():
+    """Every long-running service: a non-root user, cap_drop ALL, no-new-privileges; the one
+    root one-shot (volume-init) keeps only CHOWN and FOWNER and has no network."""
+    for name, svc in _compose()["services"].items():
+        assert svc.get("cap_drop") == ["ALL"], f"{name}: cap_drop [ALL]"
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+        if name == "volume-init":
+            assert set(svc["cap_add"]) == {"CHOWN", "FOWNER"}
+            assert svc["network_mode"] == "none"
+            continue
+        assert "cap_add" not in svc, name
+        if "build" in svc:  # our images: the Dockerfile's USER (test_dockerfile_policy)
+            continue
+        user = str(svc.get("user", ""))
+        assert user and not user.startswith(("0", "root")), f"{name}: runs as {user or 'root'}"
+
+
+def test_images_and_actions_pinned():
+    """Base images by digest (compose and Dockerfile), actions by commit SHA; the update
+    command's check agrees."""
+    for name, svc in _compose()["services"].items():
+        if "build" not in svc:
+            assert re.search(r"@sha256:[0-9a-f]{64}$", svc["image"]), (name, svc["image"])
+    for arg in re.findall(r"^ARG \w+_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.M):
+        assert re.search(r"@sha256:[0-9a-f]{64}$", arg), arg
+    for line in re.findall(r"uses: (\S+)", "\n".join(w.read_text() for w in _workflows())):
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", line), line
+    res = subprocess.run(["bash", "docker/pin-images.sh", "--check"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("secrets, refused", [
+    ({}, "POSTGRES_PASSWORD(unset)"),
+    ("example", "(the .env.example value)"),
+    ({"DVC_S3_SECRET_KEY": "short"}, "DVC_S3_SECRET_KEY(shorter than 12 characters)"),
+    ({"DVC_S3_ACCESS_KEY": "cose-root"}, "DVC_S3_ACCESS_KEY(unset or the MinIO root user"),
+    ("good", None),
+])
+def test_stack_refuses_example_or_missing_secrets(secrets, refused):
+    """docker/preflight.sh, which every service waits for, run as compose runs it."""
+    example = {k: v for k, v in (ln.split("=", 1) for ln in ENV_EXAMPLE.read_text().splitlines()
+                                 if ln and not ln.startswith("#") and "=" in ln)}
+    names = ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "DVC_S3_SECRET_KEY",
+             "MLFLOW_S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
+    good = {n: f"a-real-secret-{i:02d}-xyz" for i, n in enumerate(names)}
+    good.update(MINIO_ROOT_USER="cose-root", DVC_S3_ACCESS_KEY="cose-dvc",
+                MLFLOW_S3_ACCESS_KEY="cose-mlflow")
+    env = {"PATH": os.environ["PATH"]}
+    if secrets == "example":
+        env.update({k: example[k] for k in (*names, "MINIO_ROOT_USER", "DVC_S3_ACCESS_KEY",
+                                            "MLFLOW_S3_ACCESS_KEY")})
+    elif secrets == "good":
+        env.update(good)
+    else:
+        env.update({**good, **secrets} if secrets else {})
+    res = subprocess.run(["sh", str(ROOT / "docker" / "preflight.sh")], env=env,
+                         capture_output=True, text=True)
+    if refused is None:
+        assert res.returncode == 0, res.stderr
+    else:
+        assert res.returncode == 1 and refused in res.stderr, res.stderr
+    if secrets == "example":  # every example secret is named
+        assert all(n in res.stderr for n in names)
+    compose = _compose()["services"]
+    for name, svc in compose.items():
+        if name not in ("preflight", "volume-init"):
+            deps = svc.get("depends_on", {})
+            assert deps, f"{name} does not wait for the preflight chain"
 
 
 def test_env_file_is_not_committed():
@@ -197,7 +271,7 @@ def test_env_file_is_not_committed():
 def test_dockerfile_policy():
     text = DOCKERFILE.read_text()
     base = re.search(r"^ARG CUDA_IMAGE=(\S+)", text, re.M).group(1)
-    assert re.fullmatch(r"nvidia/cuda:[\d.]+-runtime-ubuntu[\d.]+", base), base
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-runtime-ubuntu[\d.]+@sha256:[0-9a-f]{64}", base), base
     makefile = (ROOT / "Makefile").read_text()
     pins = dict(re.findall(r"(torch|torchvision)==([\w.]+)",
                            re.search(r"^TORCH_PINS\s*:?=(.*)$", makefile, re.M).group(1)))

@@ -361,10 +361,12 @@ def test_tracking_outage_finishes_then_cose_log_replays_once(reference, tmp_path
 
 def test_shard_fingerprint_covers_the_code_explain_units_run():
     """Every cose module an explain unit imports (engine, saliency, similarity and its compiled
-    kernels, transforms, precision) is hashed into the shard fingerprints, so changing any of
-    them recomputes the shards instead of reusing stale numbers."""
+    kernels, transforms, precision, selection, models, data) is in the static import closure
+    hashed into the shard fingerprints, so changing any of them recomputes the shards instead
+    of reusing stale numbers."""
     probe = (
         "import sys, torch, cose.engine as e, cose.similarity as s\n"
+        "import cose.stages.common, cose.selection, cose.models, cose.data\n"
         "a = torch.rand(2, 8, 8)\n"
         "s.ssim(a, a.flip(1)); s.spearman(a, a.flip(1))\n"  # the lazily imported kernels
         "print('\\n'.join(sorted(m.__file__ for n, m in list(sys.modules.items())\n"
@@ -373,12 +375,27 @@ def test_shard_fingerprint_covers_the_code_explain_units_run():
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300
     )
-    from cose.stages.common import EXPLAIN_CODE
+    from cose.closure import EXPLAIN_ROOTS, closure
 
-    base = Path(__file__).resolve().parent.parent / "src" / "cose"
-    covered = [base / p for p in EXPLAIN_CODE]
+    covered = set(closure(EXPLAIN_ROOTS))
     for line in out.stdout.split():
         f = Path(line).resolve()
-        if f.name == "__init__.py" and f.parent == base:
-            continue  # the package marker
-        assert any(f == c or c in f.parents for c in covered), f"{f} not in EXPLAIN_CODE"
+        assert f in covered, f"{f} is imported by a unit but not in its fingerprint's closure"
+
+
+def test_dvc_deps_cover_each_stage_import_closure():
+    """A stage's dvc.yaml deps list every source file its module imports, directly or not:
+    `echo '#x' >> src/cose/_similarity_cpu.py` must make `dvc status` report the explain stage
+    changed (it did not before this test)."""
+    import yaml
+
+    from cose.closure import closure
+
+    root = Path(__file__).resolve().parent.parent
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        deps = [root / d for d in stage["deps"] if d.startswith("src/")]
+        for f in closure([f"cose.stages.{name}"]):
+            assert any(f == d or d in f.parents for d in deps), (
+                f"dvc.yaml stage {name!r}: {f.relative_to(root)} is in its import closure but "
+                "not in its deps")

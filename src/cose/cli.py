@@ -307,20 +307,36 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(os.environ.get("COSE_DEBUG")) or (args.log_level or "").upper() == "DEBUG"
     try:
         return _run(args)
     except ConfigError as exc:
+        if debug:
+            raise
         print(f"cose: error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        if os.environ.get("COSE_DEBUG"):
+    except KeyboardInterrupt:
+        print("cose: interrupted (finished outputs are kept; a rerun resumes)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure is one line for the user
+        if debug:
             raise
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        rest = "\n".join(str(exc).splitlines()[1:])
-        print(f"cose: error: {first}", file=sys.stderr)
-        if rest:
-            print(rest, file=sys.stderr)
+        text = str(exc).strip()
+        expected = isinstance(exc, (OSError, ValueError, RuntimeError, LookupError))
+        first = text.splitlines()[0] if text else type(exc).__name__
+        if not expected or not text:  # an unexpected failure: say what it is, and how to see more
+            first = f"{type(exc).__name__}: {first} (--log-level DEBUG shows the traceback)"
+        print(f"cose: error: {_redact(first)}", file=sys.stderr)
+        rest = "\n".join(text.splitlines()[1:])
+        if rest and isinstance(exc, ValueError):  # a validation report's table
+            print(_redact(rest), file=sys.stderr)
         return 1
+
+
+def _redact(text: str) -> str:
+    from cose.tracking import redact
+
+    return redact(text)
 
 
 if __name__ == "__main__":

@@ -505,6 +505,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 # --------------------------------------------------------------------------- loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key given twice in one mapping (YAML keeps the last one
+    silently: a typo'd copy would override the intended value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(
     path: str | Path = "params.yaml",
     overrides: list[str] | None = None,
@@ -512,12 +528,20 @@ def load(
 ) -> Config:
     """Read params.yaml (or a preset), apply `-S` overrides, validate."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"params file {str(path)!r} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{path}: not valid YAML{line}: {what}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc.reason})") from None
+    if raw is None or raw == {}:
+        raise ConfigError(f"{path}: empty; it must set the experiment (datasets, models, "
+                          "methods, train, explain, ...): see the project's params.yaml")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     raw = apply_overrides(raw, overrides or [])

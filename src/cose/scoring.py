@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +30,7 @@ import pandas as pd
 
 from cose import spec
 from cose.columns import GROUP_COLUMNS, PAIR_COLUMNS
+from cose.io import atomic_write_text
 from cose.spec import GEOMETRIC, PHOTOMETRIC, TRANSFORMS
 
 __all__ = [
@@ -67,6 +67,9 @@ MEAN_METRICS: tuple[str, ...] = (
     "midckpt_fidelity",
     "model_fidelity",
     "overall_fidelity",
+    # the method's own noise: SSIM of the same image and model explained with another seed
+    # (stochastic methods; explain.noise_floor), its self-consistency ceiling
+    "noise_floor",
 )
 METRICS: tuple[str, ...] = MEAN_METRICS + ("sensitivity", "cose", "cose_hmean")
 
@@ -86,7 +89,7 @@ NAN_RULES: tuple[str, ...] = ("skip", "reference")
 REFERENCE_FILES: tuple[str, ...] = ("reference", "all")
 _MIDCKPT = re.compile(r"^mid_ckpt(_[A-Za-z0-9]+)*$")
 _RESULTS_NAME = re.compile(r"^results_(\d+)_(\d+)\.csv$")
-_FAMILIES = ("geometric", "photometric", "random", "mid_ckpt")
+_FAMILIES = ("geometric", "photometric", "random", "mid_ckpt", "seed")
 
 display_dataset = spec.display_dataset
 display_model = spec.display_model
@@ -94,17 +97,20 @@ method_display = spec.method_display
 
 
 def transform_family(name: str) -> str:
-    """``geometric``, ``photometric``, ``random`` or ``mid_ckpt``; ValueError otherwise."""
+    """``geometric``, ``photometric``, ``random``, ``mid_ckpt`` or ``seed`` (the noise-floor
+    variant: the same image and model, the method run with another seed); ValueError
+    otherwise."""
     if name in GEOMETRIC:
         return "geometric"
     if name in PHOTOMETRIC:
         return "photometric"
-    if name == "random":
-        return "random"
+    if name in ("random", "seed"):
+        return name
     if isinstance(name, str) and _MIDCKPT.match(name):
         return "mid_ckpt"
     raise ValueError(
-        f"unknown transform_type {name!r}; allowed: {', '.join(TRANSFORMS)}, random, mid_ckpt_eNNN"
+        f"unknown transform_type {name!r}; allowed: {', '.join(TRANSFORMS)}, random, "
+        "mid_ckpt_eNNN, seed"
     )
 
 
@@ -146,6 +152,8 @@ def _selections(kept: pd.DataFrame) -> dict[str, pd.Series]:
     photo = fam == "photometric"
     rand = fam == "random"
     mid = fam == "mid_ckpt"
+    seed = fam == "seed"
+    changed = changed & ~seed  # the same model on the same image: never a changed prediction
     cons = ~changed & (geo | photo)
     return {
         "geom_consistency": cons & geo,
@@ -158,6 +166,7 @@ def _selections(kept: pd.DataFrame) -> dict[str, pd.Series]:
         "midckpt_fidelity": changed & mid,
         "model_fidelity": changed & (rand | mid),
         "overall_fidelity": changed,
+        "noise_floor": seed,
     }
 
 
@@ -590,22 +599,6 @@ def published_table_markdown(summary: pd.DataFrame, metric: str = "cose") -> str
                                 methods=spec.method_order(spec.BUILTIN_METHODS))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_summary(summary: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``summary.csv``, ``cose_table.md`` and, when the published Table 1's models are
     present, ``table1.md`` (:func:`published_table_markdown`) into ``out_dir`` atomically (temp
@@ -623,12 +616,12 @@ def write_summary(summary: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str
     csv_text = summary[columns].to_csv(index=False, lineterminator="\n")
     table = paper_table_markdown(summary)
     paths = {"summary": out / "summary.csv", "table": out / "cose_table.md"}
-    _atomic_write_text(paths["summary"], csv_text)
-    _atomic_write_text(paths["table"], table)
+    atomic_write_text(paths["summary"], csv_text)
+    atomic_write_text(paths["table"], table)
     published = published_table_markdown(summary)
     if published is not None:
         paths["table1"] = out / "table1.md"
-        _atomic_write_text(paths["table1"], published)
+        atomic_write_text(paths["table1"], published)
     else:  # a stale layout from other models must not stand beside these results
         (out / "table1.md").unlink(missing_ok=True)
     return paths

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -258,7 +259,7 @@ class Journal:
         last = self._retrying(check, "check")
         if last is not None:
             raise TrackingError(
-                f"MLflow tracking at {tracking_uri(self.root)} is unreachable after "
+                f"MLflow tracking at {redact(tracking_uri(self.root))} is unreachable after "
                 f"{self.retries + 1} attempts ({type(last).__name__}: {_one_line(last)}); "
                 f"tracking.required is true, so the {self.stage} stage stops before its work"
             )
@@ -270,7 +271,7 @@ class Journal:
         if last is None:
             path.unlink(missing_ok=True)
             return True
-        cause = (f"MLflow tracking at {tracking_uri(self.root)} failed after "
+        cause = (f"MLflow tracking at {redact(tracking_uri(self.root))} failed after "
                  f"{self.retries + 1} attempts ({type(last).__name__}: {_one_line(last)})")
         if self.required:
             path.unlink(missing_ok=True)  # the stage fails: its rerun logs, nothing to replay
@@ -283,8 +284,23 @@ class Journal:
         return False
 
 
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:]*)(:[^/@\s]*)?@")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|password|secret|access_key|secret_key|sig)=)[^&\s]+")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of any URI in it masked: ``https://user:token@host`` ->
+    ``https://user:***@host``, ``https://token@host`` -> ``https://***@host``, ``?token=...`` ->
+    ``?token=***``. Used on every message that may
+    hold a tracking URI (warnings, errors, logs)."""
+    def mask(m: re.Match) -> str:  # user:password -> user:***; a lone user may be a token
+        user = m.group("user") if m.group(3) else "***"
+        return f"{m.group('scheme')}{user}{':***' if m.group(3) else ''}@"
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(mask, str(text)))
+
+
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = redact(" ".join(str(exc).split()))
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -377,15 +393,28 @@ def _push(journal: Journal) -> None:
 
 
 def replay_pending(root: Path | None = None) -> tuple[int, int]:
-    """Push every pending journal; returns (pushed, still pending)."""
+    """Push every pending journal, file by file; returns (pushed, still pending). A file that
+    is not a readable journal (truncated, edited) is moved to ``pending/quarantine/`` and
+    named in a warning; the others are replayed all the same."""
     root = root or project_root()
     pushed = failed = 0
     for path in sorted(pending_dir(root).glob("*.json")):
-        journal = Journal.from_json(json.loads(path.read_text()), root=root)
+        try:
+            journal = Journal.from_json(json.loads(path.read_text()), root=root)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            quarantine = pending_dir(root) / "quarantine"
+            quarantine.mkdir(parents=True, exist_ok=True)
+            os.replace(path, quarantine / path.name)
+            msg = (f"{path} is not a readable pending log ({type(exc).__name__}: "
+                   f"{_one_line(exc)}); moved to {quarantine / path.name}, the others are "
+                   "replayed")
+            warnings.warn(msg, stacklevel=2)
+            log.warning(msg)
+            continue
         try:
             push(journal)
         except Exception as exc:  # noqa: BLE001
-            log.warning("replay of %s failed: %s", path.name, exc)
+            log.warning("replay of %s failed: %s", path.name, _one_line(exc))
             failed += 1
             continue
         path.unlink(missing_ok=True)

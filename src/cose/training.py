@@ -195,6 +195,24 @@ def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.
                            weight_decay=cfg.weight_decay)
 
 
+def _read_resume_state(last: Path) -> dict[str, Any] | None:
+    """``last.pt`` if it loads as a weights-only resume state; else it is moved aside (named
+    in a warning) and training starts over: a truncated or foreign file must not block the
+    run, and one that wants to run code is never unpickled."""
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "fingerprint" not in state:
+            raise ValueError("not a cose resume state")
+        return state
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt, code-running pickle, foreign
+        aside = last.with_name(f"{last.name}.unreadable-{uuid.uuid4().hex[:8]}")
+        os.replace(last, aside)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("%s cannot be resumed from (%s: %s); moved to %s, training starts over",
+                    last, type(exc).__name__, first[:200], aside.name)
+        return None
+
+
 def _fingerprint(model: nn.Module, cfg: TrainConfig, seed: int, save_epochs: tuple[int, ...],
                  n_train: int) -> str:
     return json.dumps({"cfg": dataclasses.asdict(cfg), "seed": seed, "save_epochs": save_epochs,
@@ -246,8 +264,8 @@ def fit(
 
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        if resume and last.exists():
-            state = torch.load(last, map_location="cpu", weights_only=True)
+        state = _read_resume_state(last) if resume and last.exists() else None
+        if state is not None:
             if state.get("fingerprint") != fingerprint:
                 raise ValueError(
                     f"{last} belongs to another training run (model, params, seed or data differ);"

@@ -42,6 +42,7 @@ __all__ = [
     "read_classes",
     "read_rows",
     "sha256_file",
+    "split_rows",
     "split_size",
     "to_rgb",
 ]
@@ -133,6 +134,11 @@ def _select(folder: Path, split: str) -> list[dict[str, str]]:
         have = sorted({r["split"] for r in rows})
         raise ValueError(f"{folder}: no images in split {split!r}; available: {', '.join(have)}")
     return chosen
+
+
+def split_rows(name: str, root: str | Path, split: str) -> list[dict[str, str]]:
+    """The manifest rows of one split, in manifest order (checked: :func:`read_rows`)."""
+    return _select(dataset_dir(name, root), split)
 
 
 def split_size(name: str, root: str | Path, split: str) -> int:

@@ -75,11 +75,22 @@ def to_rgb(img: Image.Image, where: str | Path = "<image>") -> Image.Image:
     return img.convert("RGB")
 
 
+class ImageReadError(ValueError):
+    """An image file that cannot be read or decoded (missing, truncated, not an image)."""
+
+
 def open_rgb(path: str | Path) -> Image.Image:
-    """Open an image file and return it as RGB per the mode policy."""
-    with Image.open(path) as im:
-        im.load()
-        return to_rgb(im, path)
+    """Open an image file and return it as RGB per the mode policy; ImageReadError naming the
+    file when it is missing, truncated or not an image."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im, path)
+    except ImageModeError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"{path}: cannot read the image ({exc}); re-fetch the dataset "
+                             "(`cose data fetch NAME --force`) or `dvc pull` it") from None
 
 
 def _interp(name: str):

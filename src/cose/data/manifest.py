@@ -14,7 +14,7 @@ import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from PIL import Image
@@ -73,13 +73,50 @@ def write_manifest(folder: str | Path, rows: Iterable[Row], classes: Sequence[st
 
 
 def read_classes(folder: str | Path) -> list[str]:
-    return [c for c in (Path(folder) / CLASSES).read_text().splitlines() if c.strip()]
+    path = Path(folder) / CLASSES
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a dataset folder holds {MANIFEST} and "
+                                f"{CLASSES} (`cose data fetch NAME` writes both)")
+    return [c for c in path.read_text().splitlines() if c.strip()]
+
+
+def safe_relpath(value: str) -> bool:
+    """A manifest path that stays inside its dataset folder (relative, no ``..``)."""
+    p = PurePosixPath(value.replace("\\", "/"))
+    return bool(value) and not p.is_absolute() and ".." not in p.parts and ":" not in p.parts[0]
 
 
 def read_rows(folder: str | Path) -> list[dict[str, str]]:
-    """Manifest rows as dicts of strings, in file order."""
-    with open(Path(folder) / MANIFEST, newline="") as f:
-        return list(csv.DictReader(f))
+    """Manifest rows as dicts of strings, in file order, checked first: the columns are there,
+    every label is an integer class index of ``classes.txt``, every split known, every path
+    inside the folder. A ValueError names the file, the line and the value."""
+    path = Path(folder) / MANIFEST
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}: not a readable CSV ({exc})") from None
+    missing = [c for c in ("path", "label", "split") if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected "
+                         f"{','.join(MANIFEST_COLUMNS)}")
+    n_classes = len(read_classes(folder))
+    for line, r in enumerate(rows, 2):
+        label = (r.get("label") or "").strip()
+        if not label.lstrip("-").isdigit():
+            raise ValueError(f"{path}: line {line}: label {label!r} is not a class index")
+        if not 0 <= int(label) < n_classes:
+            raise ValueError(f"{path}: line {line}: label {int(label)} outside 0..{n_classes - 1}"
+                             f" ({CLASSES} lists {n_classes} classes)")
+        if r.get("split") not in SPLITS:
+            raise ValueError(f"{path}: line {line}: split {r.get('split')!r} not in "
+                             f"{', '.join(SPLITS)}")
+        if not safe_relpath(r.get("path") or ""):
+            raise ValueError(f"{path}: line {line}: path {r.get('path')!r} is not inside the "
+                             "dataset folder (absolute, empty or with '..')")
+    return rows
 
 
 def split_fractions(n: int, fractions: Sequence[float], seed: int) -> list[list[int]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import sys
@@ -19,11 +18,20 @@ CHECKPOINTS = Path("checkpoints")
 EXPLAIN = Path("outputs") / "explain"
 RESULTS = Path("results")
 
-# Modules whose code determines an explain shard's numbers (fingerprinted into each shard).
-EXPLAIN_CODE = (
-    "engine.py", "columns.py", "precision.py", "transforms.py", "similarity.py",
-    "_similarity_cpu.py", "saliency",
-)
+LOCKS = Path("outputs") / ".locks"  # beside the DVC outputs, never inside one
+
+
+def output_lock(name: str, what: str):
+    """The lock of one output tree (``cose.io.exclusive``): a second writer waits
+    ``COSE_LOCK_WAIT`` seconds (default 0), then stops with one line naming the holder."""
+    from cose.io import exclusive
+
+    raw = os.environ.get("COSE_LOCK_WAIT", "0").strip() or "0"
+    try:
+        wait = float(raw)
+    except ValueError:
+        raise ConfigError(f"COSE_LOCK_WAIT: got {raw!r}, expected seconds") from None
+    return exclusive(LOCKS / f"{name}.lock", what, wait)
 
 
 def ckpt_dir(dataset: str, model: str) -> Path:
@@ -38,19 +46,6 @@ def quiet() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes") or bool(
         os.environ.get("COSE_QUIET")
     ) or not sys.stderr.isatty()
-
-
-def code_hash(parts: tuple[str, ...] = EXPLAIN_CODE) -> str:
-    """sha256 over the source files of the named modules/packages of `cose`."""
-    base = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for part in parts:
-        p = base / part
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
-        for f in files:
-            h.update(str(f.relative_to(base)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def data_dir(cfg: Config, dataset: str) -> Path:
@@ -88,6 +83,32 @@ def _selection(root: str, dataset: str, model: str, rule: str, images: int, seed
         return Selection(tuple(torch.randperm(n, generator=g)[:images].tolist()))
     size = models.preprocess(model).crop
     return reference_stream(n, order, images, count=count, seed=seed, size=size)[model]
+
+
+def image_digests(cfg: Config, dataset: str, test_idx) -> dict[int, tuple[str, int]]:
+    """(manifest sha256, label) of each test image (by test-split index), the sha256 checked
+    against the file's bytes: a changed or corrupted image is a one-line error naming it,
+    never numbers from other data."""
+    from cose import data
+    from cose.io import sha256_file_cached
+
+    folder = data.dataset_dir(dataset, cfg.data.root)
+    rows = data.split_rows(dataset, cfg.data.root, "test")
+    out = {}
+    for i in test_idx:
+        row = rows[i]
+        path = folder / row["path"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: listed in {folder / 'manifest.csv'} but missing; "
+                                    "re-fetch the dataset or `dvc pull` it")
+        digest = sha256_file_cached(path)
+        if row.get("sha256") and digest != row["sha256"]:
+            raise ValueError(f"{path}: its bytes differ from the sha256 in "
+                             f"{folder / 'manifest.csv'} (changed or corrupted after it was "
+                             "written); re-fetch the dataset (`cose data fetch NAME --force`) "
+                             "or `dvc pull` it")
+        out[int(i)] = (row.get("sha256") or digest, int(row["label"]))
+    return out
 
 
 def explain_subset(cfg: Config, dataset: str, model: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from cose import scoring
 from cose.config import Config
-from cose.io import atomic_write_text
+from cose.io import atomic_write_text, remove_temp_files
 from cose.stages import common
 from cose.tracking import Journal
 
@@ -124,18 +124,8 @@ def _artifact_folder(path: Path) -> str:
 
 def run(cfg: Config) -> pd.DataFrame:
     journal = Journal.for_config("compile", cfg)  # tracking.required fails before any work
-    pairs = load_pairs(cfg)
-    from cose.data.validate import validate_pairs
-
-    report = validate_pairs(pairs)
-    if not report.ok:
-        raise ValueError("per-pair table failed validation:\n" + report.to_markdown())
-    log.info("compile: scoring %d pairs", len(pairs))
-    summary = scoring.summarize(pairs, nan=cfg.compile.nan)
-    accuracies = train_accuracies(cfg)
-    written = write_results(summary, pairs, common.RESULTS, accuracies)
-    written += write_report(cfg, summary, pairs, common.RESULTS, accuracies)
-
+    with common.output_lock("compile", str(common.RESULTS)):
+        summary, written, accuracies = _compile(cfg)
     journal.root_run.log_params(cfg.to_dict()["compile"], prefix="compile.")
     for path in written:
         journal.root_run.log_artifact(path, _artifact_folder(path))
@@ -154,6 +144,23 @@ def run(cfg: Config) -> pd.DataFrame:
     log.info("compile: %d rows in results/summary.csv; report: results/report.html",
              len(summary))
     return summary
+
+
+def _compile(cfg: Config):
+    """Score the per-pair tables and write results/ (under the compile lock)."""
+    remove_temp_files(common.RESULTS)  # what a killed compile left behind
+    pairs = load_pairs(cfg)
+    from cose.data.validate import validate_pairs
+
+    report = validate_pairs(pairs)
+    if not report.ok:
+        raise ValueError("per-pair table failed validation:\n" + report.to_markdown())
+    log.info("compile: scoring %d pairs", len(pairs))
+    summary = scoring.summarize(pairs, nan=cfg.compile.nan)
+    accuracies = train_accuracies(cfg)
+    written = write_results(summary, pairs, common.RESULTS, accuracies)
+    written += write_report(cfg, summary, pairs, common.RESULTS, accuracies)
+    return summary, written, accuracies
 
 
 def report_only(cfg: Config, out: Path, reference_outputs: str | None = None) -> list[Path]:

@@ -33,9 +33,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cose import precision
+from cose import closure, precision
 from cose.config import Config, from_dict
-from cose.io import atomic_write_bytes, atomic_write_text, sha256_file, sha256_file_cached
+from cose.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    remove_temp_files,
+    sha256_file,
+    sha256_file_cached,
+)
 from cose.stages import common
 from cose.tracking import Journal
 
@@ -66,6 +72,11 @@ class Unit:
     def sidecar(self) -> Path:
         return self.parquet.with_suffix(".json")
 
+    @property
+    def samples(self) -> Path:
+        """The (dataset, model, method)'s sample maps: written by its first shard."""
+        return self.parquet.parent.parent / "samples.npz"
+
 
 def checkpoint_hash(dataset: str, model: str) -> str:
     d = common.ckpt_dir(dataset, model)
@@ -85,7 +96,7 @@ def checkpoint_hash(dataset: str, model: str) -> str:
 
 def plan(cfg: Config) -> list[Unit]:
     """All units of the stage, in a fixed order."""
-    code = common.code_hash()
+    code = closure.code_hash()
     # not fingerprinted: the batch size (same numbers); the image counts and the selection rule
     # (a unit's fingerprint holds the test images and magnitudes it explains, so fewer or more
     # images leave its shard as it is); other methods' settings
@@ -96,8 +107,12 @@ def plan(cfg: Config) -> list[Unit]:
     for dataset in cfg.datasets:
         for model in cfg.models:
             ckpt = checkpoint_hash(dataset, model)
+            sels = {m: common.selection(cfg, dataset, model, m) for m in cfg.methods}
+            # the bytes each unit reads: its images' checksums (checked against the files)
+            digests = common.image_digests(
+                cfg, dataset, dict.fromkeys(i for s in sels.values() for i in s.test_idx))
             for method in cfg.methods:
-                sel = common.selection(cfg, dataset, model, method)
+                sel = sels[method]
                 settings = cfg.explain.settings.get(method, {})
                 for shard in range(math.ceil(len(sel) / cfg.explain.shard_size)):
                     start = shard * cfg.explain.shard_size
@@ -105,7 +120,7 @@ def plan(cfg: Config) -> list[Unit]:
                     blob = json.dumps(
                         {"seed": cfg.seed, "explain": explain, "dataset": dataset,
                          "model": model, "method": method, "settings": settings,
-                         "images": list(sel.test_idx[start:stop]),
+                         "images": [[i, *digests[i]] for i in sel.test_idx[start:stop]],
                          "draws": {t: d[start:stop].tolist() for t, d in sel.draws.items()},
                          "code": code, "ckpt": ckpt,
                          "save_epochs": cfg.train_for(model).save_epochs},
@@ -124,7 +139,12 @@ def shard_ok(unit: Unit) -> bool:
         return False
     if meta.get("fingerprint") != unit.fingerprint or not unit.parquet.exists():
         return False
-    return sha256_file(unit.parquet) == meta.get("sha256")
+    if sha256_file(unit.parquet) != meta.get("sha256"):
+        return False
+    want = meta.get("samples_sha256")
+    if want is not None:  # the sample maps this unit wrote: present and whole
+        return unit.samples.is_file() and sha256_file(unit.samples) == want
+    return True
 
 
 # --------------------------------------------------------------------------- unit compute
@@ -167,7 +187,7 @@ def prefetch_enabled(dev: torch.device) -> bool:
 def _context_key(cfg: Config, dataset: str, model: str) -> tuple:
     e = cfg.explain
     images = tuple(common.selection(cfg, dataset, model, m).test_idx for m in cfg.methods)
-    return (dataset, model, common.code_hash(), checkpoint_hash(dataset, model), cfg.data.root,
+    return (dataset, model, closure.code_hash(), checkpoint_hash(dataset, model), cfg.data.root,
             images, cfg.train_for(model).save_epochs, e.random_model, e.mid_ckpt)
 
 
@@ -287,11 +307,13 @@ def compute_unit(
     buf = io.BytesIO()
     result.pairs.to_parquet(buf, index=False)
     atomic_write_bytes(unit.parquet, buf.getvalue())
-    if result.samples:
-        atomic_write_bytes(unit.parquet.parent.parent / "samples.npz", npz_bytes(result.samples))
-    seconds = time.perf_counter() - t0
     meta = {"fingerprint": unit.fingerprint, "sha256": sha256_file(unit.parquet),
             "rows": len(result.pairs), "unit": asdict(unit)}
+    if result.samples:  # under the same commit marker as the shard
+        blob = npz_bytes(result.samples)
+        atomic_write_bytes(unit.samples, blob)
+        meta["samples_sha256"] = hashlib.sha256(blob).hexdigest()
+    seconds = time.perf_counter() - t0
     atomic_write_text(unit.sidecar, json.dumps(meta, indent=1, sort_keys=True))
     return {"key": unit.key, "rows": len(result.pairs), "seconds": seconds,
             "worker": f"{os.uname().nodename}:{os.getpid()}", "loads": _LOADS,
@@ -327,9 +349,7 @@ def _prune(units: list[Unit]) -> None:
     wanted_files = {u.parquet for u in units} | {u.sidecar for u in units}
     if not common.EXPLAIN.exists():
         return
-    for tmp in common.EXPLAIN.rglob(".*.tmp"):
-        if tmp.is_file():
-            tmp.unlink()
+    remove_temp_files(common.EXPLAIN)
     for d in sorted(common.EXPLAIN.glob("*/*/*")):
         if d.is_dir() and d not in wanted_dirs:
             shutil.rmtree(d)
@@ -378,12 +398,48 @@ def _redirect_logging(bar):
 
 
 def run(cfg: Config, backend: str | None = None) -> None:
-    from cose import backends, scoring
-
     prefetch_enabled(common.device())  # a bad COSE_PREFETCH fails here, before any work
     journal = Journal.for_config("explain", cfg)  # tracking.required: checks MLflow first
     if note := precision.warning(cfg.explain.precision, cfg.methods):
         log.warning("explain: %s", note)
+    with common.output_lock("explain", str(common.EXPLAIN)):
+        tables, executor = _run_units(cfg, backend)
+    journal.root_run.log_params(cfg.to_dict()["explain"], prefix="explain.")
+    journal.root_run.set_tags({
+        "cose.backend": executor.name,
+        "cose.precision_unvalidated": ",".join(precision.unvalidated(cfg.explain.precision,
+                                                                     cfg.methods)) or "none",
+    })
+    from cose import scoring
+
+    for (dataset, model, method), df in tables.items():
+        run_ = journal.run(f"{dataset}/{model}/{method}", f"explain {dataset}/{model}/{method}")
+        run_.log_params({"dataset": dataset, "model": model, "saliency_method": method})
+        run_.log_params(cfg.explain.settings.get(method, {}), prefix="settings.")
+        scores = scoring.score(df, nan=cfg.compile.nan)
+        run_.log_metrics({k: v for k, v in scores.items() if isinstance(v, (int, float))})
+        run_.log_metrics({"pairs": len(df)})
+        run_.log_artifact(common.explain_dir(dataset, model, method) / "pairs.parquet")
+    journal.flush()
+
+
+def _warn_capped(cfg: Config) -> None:
+    """More images asked than a test split holds: say so (all of them are explained)."""
+    from cose import data
+
+    for dataset in cfg.datasets:
+        n = data.split_size(dataset, cfg.data.root, "test")
+        asked = cfg.explain.images + (cfg.explain.selection == "reference")
+        if asked > n:
+            log.warning("explain.images: %d asked, but %s has %d test images: explaining all %d",
+                        cfg.explain.images, dataset, n, n)
+
+
+def _run_units(cfg: Config, backend: str | None):
+    """Plan, prune, compute the missing units, merge: under the explain lock."""
+    from cose import backends
+
+    _warn_capped(cfg)
     units = plan(cfg)
     _prune(units)
     todo = [u for u in units if not shard_ok(u)]
@@ -415,20 +471,4 @@ def run(cfg: Config, backend: str | None = None) -> None:
     bad = [u.key for u in units if not shard_ok(u)]
     if bad:
         raise RuntimeError(f"explain: {len(bad)} units did not produce a valid shard: {bad[:5]}")
-    tables = merge(cfg, units)
-
-    journal.root_run.log_params(cfg.to_dict()["explain"], prefix="explain.")
-    journal.root_run.set_tags({
-        "cose.backend": executor.name,
-        "cose.precision_unvalidated": ",".join(precision.unvalidated(cfg.explain.precision,
-                                                                     cfg.methods)) or "none",
-    })
-    for (dataset, model, method), df in tables.items():
-        run_ = journal.run(f"{dataset}/{model}/{method}", f"explain {dataset}/{model}/{method}")
-        run_.log_params({"dataset": dataset, "model": model, "saliency_method": method})
-        run_.log_params(cfg.explain.settings.get(method, {}), prefix="settings.")
-        scores = scoring.score(df)
-        run_.log_metrics({k: v for k, v in scores.items() if isinstance(v, (int, float))})
-        run_.log_metrics({"pairs": len(df)})
-        run_.log_artifact(common.explain_dir(dataset, model, method) / "pairs.parquet")
-    journal.flush()
+    return merge(cfg, units), executor

@@ -95,7 +95,9 @@ def run(cfg: Config) -> None:
     for dataset in cfg.datasets:
         for model_name in cfg.models:
             log.info("training %s on %s", model_name, dataset)
-            m = train_one(cfg, dataset, model_name, journal)
+            with common.output_lock(f"train-{dataset}-{model_name}",
+                                    str(common.ckpt_dir(dataset, model_name))):
+                m = train_one(cfg, dataset, model_name, journal)
             journal.root_run.log_metrics({f"{dataset}.{model_name}.test_accuracy":
                                           m["test_accuracy"] or float("nan")})
     journal.flush()
