@@ -118,16 +118,18 @@ def test_evaluate_normalize_options_reach_the_model(setup):
     spy = Spy()
     common = dict(methods="gradcam", transforms=["FlipLR"], magnitudes=1, progress=False,
                   settings={"gradcam": {"layer": model.conv}})
+    # the first call: the input check's probe on the first image; the second: the unit's
     cose.evaluate(spy, x[:2], labels[:2], normalize=(0.5, 0.25), **common)
-    assert seen[0] == pytest.approx(float(((x[:2] - 0.5) / 0.25).mean()), rel=1e-5)
+    assert seen[0] == pytest.approx(float(((x[:1] - 0.5) / 0.25).mean()), rel=1e-5)
+    assert seen[1] == pytest.approx(float(((x[:2] - 0.5) / 0.25).mean()), rel=1e-5)
     seen.clear()
     cose.evaluate(spy, x[:2], labels[:2], normalize=lambda t: t * 2, **common)
-    assert seen[0] == pytest.approx(float((x[:2] * 2).mean()), rel=1e-5)
+    assert seen[1] == pytest.approx(float((x[:2] * 2).mean()), rel=1e-5)
     seen.clear()
     cose.evaluate(spy, x[:2], labels[:2], **common)  # default: ImageNet mean/std
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    assert seen[0] == pytest.approx(float(((x[:2] - mean) / std).mean()), rel=1e-5)
+    assert seen[1] == pytest.approx(float(((x[:2] - mean) / std).mean()), rel=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -141,6 +143,13 @@ def test_evaluate_normalize_options_reach_the_model(setup):
     ({"normalize": "cifar"}, "normalize: unknown value 'cifar'"),
     ({"magnitudes": 0}, "magnitudes: expected an integer >= 1"),
     ({"ids": [3, 3]}, "ids: expected 2 distinct integers"),
+    # the model's own class count, dimensions and outputs
+    ({"labels": torch.tensor([0, 3])}, "labels: 3 (image 1) outside 0..2: the model has 3"),
+    ({"labels": torch.tensor([-1, 0])}, "labels: -1 (image 0) outside 0..2"),
+    ({"images": torch.rand(2, 1, 8, 8)}, "images: 1 channel(s), but normalize turns"),
+    ({"images": torch.rand(2, 1, 8, 8), "normalize": None},
+     "model: does not take images of shape (1, 8, 8)"),
+    ({"random_model": TinyNet(classes=7)}, "random_model: 7 outputs, the model 3"),
 ])
 def test_evaluate_bad_input_names_the_argument(kwargs, needle):
     args = {"images": torch.rand(2, 3, 8, 8), "labels": torch.tensor([0, 1]),
@@ -148,6 +157,40 @@ def test_evaluate_bad_input_names_the_argument(kwargs, needle):
     with pytest.raises(ValueError) as err:
         cose.evaluate(TinyNet(), **args)
     assert needle in str(err.value)
+
+
+class _NaNLogits(TinyNet):
+    def forward(self, x):
+        return super().forward(x) * float("nan")
+
+
+class _Flat(TinyNet):
+    def forward(self, x):
+        return super().forward(x).flatten()
+
+
+@pytest.mark.parametrize("model, needle", [
+    (_NaNLogits(), "model: NaN or infinite logits on image 0"),
+    (_Flat(), "model: output (3,) for one image; expected logits [B, classes]"),
+])
+def test_evaluate_checks_the_model_output(model, needle):
+    with pytest.raises(ValueError) as err:
+        cose.evaluate(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), methods="gradcam",
+                      progress=False)
+    assert needle in str(err.value)
+
+
+def test_intervals_and_comparisons_from_the_api(setup):
+    model, x, labels = setup
+    res = cose.evaluate(model, x, labels, methods=["gradcam", "ig"], transforms=TF,
+                        magnitudes=2, progress=False, random_model=TinyNet(1),
+                        settings={"gradcam": {"layer": model.conv}, "ig": {"steps": 4}})
+    table = res.intervals(bootstrap=200)
+    assert {"cose_lo", "cose_hi", "n_images", "nan_share"} <= set(table.columns)
+    assert (table["n_images"] == 5).all()
+    pd.testing.assert_frame_equal(table[res.table().columns], res.table())
+    comp = res.compare(bootstrap=200)
+    assert list(comp[["method_a", "method_b"]].iloc[0]) == ["gradcam", "ig"]
 
 
 def test_import_cose_stays_light():

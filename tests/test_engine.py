@@ -164,3 +164,33 @@ def test_units_with_few_or_no_variants():
     assert nothing.pairs.empty and list(nothing.pairs.columns) == list(only_random.pairs.columns)
     assert nothing.samples["variant_maps"].shape == (0, 1, 32, 32)
     assert nothing.samples["map"].shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("method, settings, deterministic", [
+    ("gradcam", {}, True), ("ig", {"steps": 4}, True),
+    ("smoothgrad", {"samples": 6}, False), ("lime", {"samples": 60, "max_dist": 8.0}, False),
+])
+def test_noise_floor_variant(method, settings, deterministic):
+    """The `seed` variant: the same image and model once more with another seed. Exactly 1 for
+    a deterministic method; below 1 where the method's own randomness moves the map."""
+    x = images(3)
+    res = explain_unit(demo(0), x, torch.arange(3), [0, 1, 2], method, norm,
+                       transforms=("FlipLR",), magnitudes=1, settings=settings,
+                       batch_size=8, noise_floor=True)
+    seed_rows = res.pairs[res.pairs.transform_type == "seed"]
+    assert len(seed_rows) == 3
+    assert (seed_rows.t_pred_class == seed_rows.pred_class).all()  # the same prediction
+    if deterministic:
+        assert (seed_rows.ssim == 1.0).all()
+    else:
+        assert (seed_rows.ssim < 0.999).all() and seed_rows.ssim.notna().all()
+    from cose import scoring
+
+    out = scoring.score(res.pairs.assign(target_class=res.pairs.pred_class))
+    assert out["noise_floor"] == pytest.approx(float(seed_rows.ssim.mean()))
+    assert out["n_noise_floor"] == 3  # and the seed rows enter no other metric
+    assert out["n_overall_consistency"] + out["n_overall_fidelity"] == 3
+    without = explain_unit(demo(0), x, torch.arange(3), [0, 1, 2], method, norm,
+                           transforms=("FlipLR",), magnitudes=1, settings=settings,
+                           batch_size=8)
+    assert "seed" not in set(without.pairs.transform_type)

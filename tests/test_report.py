@@ -378,7 +378,15 @@ def test_compile_writes_declares_and_logs_the_report(tiny_project, tmp_path):
     commit = sh(["git", "rev-parse", "HEAD"], tiny_project).stdout.strip()
     assert commit in page and data_hash(tiny_project) in page
     assert page.count("data:image/png;base64,") == len(list((res / "figures").glob("*.png")))
-    assert (res / "cose_table.html").read_text().count("<tr>") == 1 + len(params["models"]) + 1
+    # header, one row per model, the mean row, the images and pairs behind each cell
+    table = (res / "cose_table.html").read_text()
+    assert table.count("<tr>") == 1 + len(params["models"]) + 1 + 2
+    assert "<td>images</td>" in table and "<td>pairs</td>" in table
+    summary = pd.read_csv(res / "summary.csv")
+    assert {"cose_lo", "cose_hi", "n_images", "nan_share"} <= set(summary.columns)
+    ranged = summary.dropna(subset=["cose_lo"])  # 2 images per cell: mostly undefined
+    assert ((ranged["cose_lo"] <= ranged["cose"]) & (ranged["cose"] <= ranged["cose_hi"])).all()
+    assert (res / "comparisons.csv").exists()
 
     # DVC: the PNGs as image plots, one magnitude plot per method, no errors
     shown = json.loads(sh(["dvc", "plots", "show", "--json", "-o", str(tmp_path / "plots")],

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -430,3 +433,33 @@ def test_bn_folding_falls_back_for_untraceable_models(batch):
     assert _core.fast_model(model, batch[0]) is model
     m = S.explain("ig", model, *batch, steps=3)
     assert m.shape == (3, SIZE, SIZE)
+
+
+def test_lime_superpixels_scale_with_the_image():
+    """lime's quickshift geometry (kernel 4, max_dist 200) at 224 px, scaled elsewhere: a
+    32 px digit gets tens of superpixels, not one; a warning names images with almost none."""
+    import warnings
+
+    import cose.data as D
+    import cose.models as M
+    from cose.saliency.lime import segment, segmentation_settings
+
+    assert segmentation_settings(224, 300) == (4.0, 200.0)
+    assert segmentation_settings(32, 32) == (1.0, 200.0 * 32 / 224)
+    root = D.fetch("digits", Path(tempfile.mkdtemp()))
+    x, _ = D.load_split("digits", root.parent, "test", M.preprocess("demo_resnet"),
+                        indices=list(range(6)))
+    xn = M.normalize(x, "demo_resnet")
+    counts = []
+    for i in range(6):
+        img = xn[i].permute(1, 2, 0).numpy()
+        scaled = len(torch.unique(torch.from_numpy(segment(img, 0, *segmentation_settings(32, 32)))))
+        default = len(torch.unique(torch.from_numpy(segment(img, 0))))
+        assert scaled > default and default <= 5, (scaled, default)
+        counts.append(scaled)
+    assert sum(counts) / len(counts) >= 8, counts
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        S.explain("lime", _resnet(), xn[:2], torch.tensor([0, 1]), samples=10, kernel_size=20,
+                  max_dist=1000)
+    assert any("fewer than 3 superpixels" in str(w.message) for w in seen)

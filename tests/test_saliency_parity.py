@@ -367,7 +367,9 @@ def test_lime_identical_masks(top_label):
     else:
         t = torch.tensor([2, 5, 9])
     seed = 5
-    ours = S.explain("lime", model, x, t, samples=150, seed=seed).numpy()
+    # lime's own defaults (kernel 4, max_dist 200): away from 224 px ours scale them
+    ours = S.explain("lime", model, x, t, samples=150, seed=seed, kernel_size=4,
+                     max_dist=200).numpy()
     n_segments = []
     for i in range(3):
         ref, n = _lime_reference(model, x[i], t[i], 150, seed, top_label)

@@ -442,7 +442,7 @@ def test_official_tree_published_table_layout(tmp_path):
     models = [ln.split("|")[2].strip() for ln in table[2:-1]]
     assert models == ["**ConvNext**", "**ResNet50**", "**Swin-T**", "**ViT**"]
     assert table[2].startswith("| **CIFAR10** | **ConvNext** | n/a | ")
-    assert table[-1].startswith("|  |  | n/a | **")  # the mean row
+    assert table[-1].startswith("|  | **mean** | n/a | **")  # the mean row
     # every table spells the reference's folders the published way
     full = S.paper_table_markdown(summary)
     for name in ("ConvNext", "Swin-T", "ViT", "DINO ViT", "iBOT Swin-T"):
@@ -510,6 +510,22 @@ def test_paper_table_layout():
     means = lines[5].split("|")[3:-1]
     assert [m.strip() for m in means] == ["**61.74%**", "**65.78%**", "**55.71%**"]
     assert re.fullmatch(r"(\| .* )+\|", lines[5])
+
+
+def test_paper_table_with_intervals_and_counts():
+    summary = summary_fixture()
+    summary["cose_lo"], summary["cose_hi"] = summary["cose"] - 0.02, summary["cose"] + 0.04
+    summary["n_images"], summary["n_pairs"] = 500, 30000
+    summary.loc[summary.saliency_method == "blur_ig", "n_images"] = 50
+    means = pd.DataFrame({"saliency_method": ["blur_ig", "gradcam", "gradcampp"],
+                          "cose": [0.6174, 0.6578, 0.5571], "cose_lo": [0.6, 0.64, 0.5],
+                          "cose_hi": [0.63, 0.67, 0.6]})
+    lines = S.paper_table_markdown(summary, means=means).strip().splitlines()
+    assert lines[2] == "| **Caltech101** | **ConvNext** | 63.01% ± 3.00 | 63.50% ± 3.00 | 65.28% ± 3.00 |"
+    assert lines[4] == "|  | **ViT** | n/a | 71.54% ± 3.00 | 59.11% ± 3.00 |"
+    assert lines[5] == "|  | **mean** | **61.74% ± 1.50** | **65.78% ± 1.50** | **55.71% ± 5.00** |"
+    assert lines[6] == "|  | images | 50 | 500 | 500 |"
+    assert lines[7] == "|  | pairs | 30000 | 30000 | 30000 |"
 
 
 def test_paper_table_reproduces_readme_cells():

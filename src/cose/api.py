@@ -56,6 +56,24 @@ class Evaluation:
         model) with every metric and its row count. ``column``: ``ssim`` or ``spearman``."""
         return scoring.summarize(self.pairs, column)
 
+    def intervals(self, bootstrap: int = 1000, level: float = 0.95, seed: int = 0,
+                  column: str = "ssim") -> pd.DataFrame:
+        """:meth:`table` with how sure each number is: ``<metric>_lo`` / ``<metric>_hi``, a
+        bootstrap interval over the images (:mod:`cose.uncertainty`), ``n_images``, and the
+        share of NaN pairs with its cause (``nan_share``, ``nan_cause``, ``nan_flag``)."""
+        from cose import uncertainty
+
+        return uncertainty.summarize(self.pairs, column, bootstrap=bootstrap, level=level,
+                                     seed=seed)[0]
+
+    def compare(self, bootstrap: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+        """Every pair of methods on the images both explained: the COSE difference, its paired
+        bootstrap interval, a p-value and whether the difference is significant."""
+        from cose import uncertainty
+
+        return uncertainty.compare_methods(self.pairs, bootstrap=bootstrap, level=level,
+                                           seed=seed)
+
     def scores(self) -> pd.DataFrame:
         """Overall consistency, sensitivity and COSE per method (rows)."""
         from cose import report
@@ -222,6 +240,34 @@ def _images_labels(images: Any, labels: Any, device: torch.device
                                                                        dtype=torch.int64)
 
 
+def _probe(model: nn.Module, x: torch.Tensor, norm, tag: str) -> int:
+    """The model's class count from one forward pass on the first image; one-line errors for
+    an input it does not take, an output that is not [B, C] logits, NaN or infinite logits."""
+    probe = norm(x[:1])
+    if tuple(probe.shape) != tuple(x[:1].shape):  # e.g. 3-channel statistics on 1 channel
+        raise ValueError(f"images: {x.shape[1]} channel(s), but normalize turns an image "
+                         f"{tuple(x.shape[1:])} into {tuple(probe.shape[1:])}: give the "
+                         "images the channels the model and its normalisation expect")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise ValueError(f"{tag}: does not take images of shape {tuple(x.shape[1:])} "
+                         f"(channels, height, width) after normalize ({first})") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{tag}: output {shape} for one image; expected logits [B, classes]")
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{tag}: NaN or infinite logits on image 0 (a broken checkpoint, or "
+                         "inputs outside what the model was trained on)")
+    return int(out.shape[1])
+
+
 def _progress(progress: bool | None) -> bool:
     if progress is not None:
         return bool(progress)
@@ -307,6 +353,17 @@ def evaluate(
             raise ValueError(f"{tag} is on {_device(other)}, the model on {dev}; move it "
                              "with .to(device)")
     x, y = _images_labels(images, labels, dev)
+    n_classes = _probe(model, x, norm, "model")
+    for tag, other in ([("random_model", random_model)] if random_model is not None else []) + [
+            (k, v) for k, v in ckpts.items()]:
+        if _probe(other, x, norm, tag) != n_classes:
+            raise ValueError(f"{tag}: {_probe(other, x, norm, tag)} outputs, the model "
+                             f"{n_classes}: they must classify the same classes")
+    bad = (y < 0) | (y >= n_classes)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"labels: {int(y[i])} (image {i}) outside 0..{n_classes - 1}: the "
+                         f"model has {n_classes} outputs")
     n, size = len(x), int(x.shape[-1])
     ids = list(range(n)) if ids is None else [int(i) for i in ids]
     if len(ids) != n or len(set(ids)) != n:

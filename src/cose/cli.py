@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(repeatable)")
     ev.add_argument("--no-random-model", action="store_true",
                     help="skip the random-init model variant")
+    ev.add_argument("--bootstrap", type=int, default=1000,
+                    help="resamples of the images behind each interval (default 1000; 0: none)")
     ev.add_argument("--out", default=None, metavar="DIR",
                     help="also write pairs.parquet, summary.csv and report.html into DIR")
 
@@ -169,10 +171,18 @@ def _run(args: argparse.Namespace) -> int:
         from cose import scoring
 
         out = Path(args.out or "results")
-        nan = args.nan or (_load(args).compile.nan if Path(args.params).exists() else "skip")
-        summary = scoring.compile_reference_outputs(args.reference_outputs, nan=nan,
-                                                    files=args.files)
-        paths = scoring.write_summary(summary, out)
+        from cose import uncertainty
+        from cose.config import CompileConfig
+
+        c = _load(args).compile if Path(args.params).exists() else CompileConfig()
+        nan = args.nan or c.nan
+        pairs = scoring.read_reference_outputs(args.reference_outputs, files=args.files)
+        summary, reps = uncertainty.summarize(pairs, nan=nan, bootstrap=c.bootstrap,
+                                              level=c.level, nan_share=c.nan_share)
+        for line in uncertainty.warnings_for(summary):
+            print(f"cose: warning: {line}", file=sys.stderr)
+        means = uncertainty.method_means(summary, reps, c.level) if c.bootstrap else None
+        paths = scoring.write_summary(summary, out, means=means)
         print(Path(paths.get("table1", paths["table"])).read_text())
         return 0
 
@@ -277,14 +287,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         checkpoints=ckpts, magnitudes=args.magnitudes, seed=args.seed,
         settings=_settings(args.setting), batch_size=args.batch_size, ids=ids,
         dataset=Path(args.data).resolve().name, model_name=args.model, **kwargs)
-    table = result.table()
-    rows = ["| method | consistency | sensitivity | COSE | pairs | dropped (misclassified) |",
-            "|---|---|---|---|---|---|"]
+    from cose import uncertainty
+
+    table = result.intervals(bootstrap=args.bootstrap)
+    rows = ["| method | consistency | sensitivity | COSE | COSE 95% interval | images | pairs | "
+            "dropped (misclassified) |", "|---|---|---|---|---|---|---|---|"]
     for r in table.to_dict("records"):
         pct = [("n/a" if r[k] != r[k] else f"{100 * r[k]:.2f}%")
                for k in ("overall_consistency", "sensitivity", "cose")]
-        rows.append(f"| {scoring.method_display(r['saliency_method'])}"
-                    f" | {' | '.join(pct)} | {r['n_pairs']} | {r['n_misclassified']} |")
+        lo, hi = r.get("cose_lo", float("nan")), r.get("cose_hi", float("nan"))
+        interval = "n/a" if lo != lo or hi != hi else f"[{100 * lo:.2f}, {100 * hi:.2f}]"
+        rows.append(f"| {scoring.method_display(r['saliency_method'])} | {' | '.join(pct)} | "
+                    f"{interval} | {r['n_images']} | {r['n_pairs']} | {r['n_misclassified']} |")
+    for line in uncertainty.warnings_for(table):
+        print(f"cose: warning: {line}", file=sys.stderr)
     first = result.pairs.groupby("test_idx")[["pred_class", "target_class"]].first()
     acc = float((first["pred_class"] == first["target_class"]).mean())
     print(f"{args.model} on {args.data} ({len(labels)} {args.split} images, accuracy "

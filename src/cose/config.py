@@ -176,6 +176,9 @@ class ExplainConfig:
     precision: str = "fp32"
     # shared: the same seeded images for every model; reference: the official numpy stream
     # (per model, end index inclusive), see cose.selection
+    # stochastic methods (SmoothGrad, LIME, ...) also explain each image once more with another
+    # seed: the "seed" variant, the method's noise floor (its self-consistency ceiling)
+    noise_floor: bool = True
     selection: str = "shared"
     reference_models: tuple[str, ...] = ()  # the official run's model order (empty: models)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -191,6 +194,9 @@ class CompileConfig:
     # NaN similarities (both maps constant): skip = left out of the means and counted (the
     # project's rule); reference = plain means, one NaN makes the metric NaN (the reference's)
     nan: str = "skip"
+    bootstrap: int = 1000        # resamples of the images behind each interval (0: none)
+    level: float = 0.95          # the intervals' confidence level
+    nan_share: float = 0.05      # flag a cell where more of its pairs have a NaN similarity
 
 
 @dataclass(frozen=True)
@@ -399,8 +405,17 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
                                   f"unknown setting; allowed: {exc.expected}") from None
             raise ConfigError(f"explain.settings.{method}.{exc.key}: got {exc.value!r}, "
                               f"expected {exc.expected}") from None
-    if cfg.compile.nan not in ("skip", "reference"):
-        raise ConfigError(f"compile.nan: got {cfg.compile.nan!r}; allowed: skip, reference")
+    c = cfg.compile
+    if c.nan not in ("skip", "reference"):
+        raise ConfigError(f"compile.nan: got {c.nan!r}; allowed: skip, reference")
+    if c.bootstrap < 0 or (0 < c.bootstrap < 100):
+        raise ConfigError(f"compile.bootstrap: got {c.bootstrap}, expected 0 (no intervals) or "
+                          ">= 100 resamples")
+    if not 0.5 <= c.level < 1:
+        raise ConfigError(f"compile.level: got {c.level}, expected a confidence level in "
+                          "[0.5, 1)")
+    if not 0 <= c.nan_share <= 1:
+        raise ConfigError(f"compile.nan_share: got {c.nan_share}, expected a share in [0, 1]")
     _check_positive("tracking.retries", cfg.tracking.retries, allow_zero=True)
     _check_positive("tracking.backoff_s", cfg.tracking.backoff_s, allow_zero=True)
     return cfg

@@ -131,6 +131,7 @@ def explain_unit(
     keep_samples: int = 0,
     precision: str = "fp32",
     draws: Mapping[str, torch.Tensor] | None = None,
+    noise_floor: bool = False,
 ) -> UnitResult:
     """Per-pair records (REFERENCE.md, step 6) for `images01` ([B,C,H,W] in [0,1]).
 
@@ -142,7 +143,9 @@ def explain_unit(
     ``precision`` (:mod:`cose.precision`): of the saliency passes; everything else
     (predictions, transforms, similarity) runs in fp32. ``draws``: the magnitudes of each
     signed transform, ``[B, k]`` (``explain.selection: reference``); by default each image's
-    come from its own seeded generator (:func:`draw_magnitudes`)."""
+    come from its own seeded generator (:func:`draw_magnitudes`). ``noise_floor``: add the
+    ``seed`` variant, the same image and model explained once more with another seed (the
+    method's own self-consistency: 1 for a deterministic method)."""
     P.check(precision)
     settings = settings or {}
     checkpoints = checkpoints or {}
@@ -171,7 +174,7 @@ def explain_unit(
         variants += [(name, m[:, j]) for j in range(m.shape[1])]
     models_ = ([("random", random_model)] if random_model is not None else []) + list(
         checkpoints.items()
-    )
+    ) + ([("seed", model)] if noise_floor else [])  # seed: another seed, same model and image
     zeros = torch.zeros(B, device=dev)
     variants += [(tag, zeros) for tag, _ in models_]
     n_tf = len(variants) - len(models_)

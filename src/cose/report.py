@@ -67,15 +67,19 @@ _CNN_FAMILIES = ("resnet", "convnext", "vgg", "densenet", "efficientnet", "mobil
 
 # figure file stem -> caption (the order of the report)
 FIGURES: dict[str, str] = {
-    "scores": "Consistency, sensitivity and COSE per method (mean over datasets and models).",
+    "scores": "Consistency, sensitivity and COSE per method (mean over datasets and models); "
+              "higher is better for all three.",
     "cose_by_family": "Fig. 3 layout: COSE per method by architecture family (one point per "
-                      "dataset and model; violins where a family has two or more values).",
+                      "dataset and model, with its bootstrap interval over images as an error "
+                      "bar; violins where a family has two or more values). Higher is better.",
     "consistency_distributions": "Fig. 5 layout: distribution of the per-pair consistency "
                                  "(SSIM of variants still predicted as the label), geometric "
                                  "and photometric transforms, pooled over datasets and models.",
     "magnitude": "Fig. 6 layout: consistency and sensitivity against the transform magnitude "
                  "(|magnitude| / the transform's largest magnitude, binned), geometric vs "
-                 "photometric, pooled over datasets and models.",
+                 "photometric, pooled over datasets and models. Sensitivity is 1 - SSIM and "
+                 "SSIM lies in [-1, 1], so sensitivity can exceed 1 (maps anti-correlated "
+                 "with the original's); the axes cover every value drawn.",
 }
 
 
@@ -251,11 +255,13 @@ def magnitude_plot_tables(curves: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def cose_by_family(summary: pd.DataFrame, metric: str = "cose") -> pd.DataFrame:
     """Fig. 3 data: one row per (method, dataset, model) with a finite ``metric`` and the
-    model's architecture ``family``."""
-    d = summary[["saliency_method", "dataset", "model", metric]].copy()
+    model's architecture ``family`` (and the metric's interval where the summary has it)."""
+    ranged = [c for c in (f"{metric}_lo", f"{metric}_hi") if c in summary.columns]
+    d = summary[["saliency_method", "dataset", "model", metric, *ranged]].copy()
     d = d[np.isfinite(pd.to_numeric(d[metric], errors="coerce").astype(float))]
     d["family"] = d["model"].map(architecture_family)
-    return d[["saliency_method", "family", "dataset", "model", metric]].reset_index(drop=True)
+    return d[["saliency_method", "family", "dataset", "model", metric, *ranged]].reset_index(
+        drop=True)
 
 
 def consistency_values(pairs: pd.DataFrame, column: str = "ssim") -> pd.DataFrame:
@@ -325,11 +331,22 @@ def plot_cose_by_family(summary: pd.DataFrame, metric: str = "cose") -> Plot:
         groups = [data.loc[(data["saliency_method"] == m) & (data["family"] == fam),
                            metric].to_numpy(float) for m in methods]
         _violins(ax, groups, positions, FAMILY_COLORS[fam], width * 0.9, points=True)
+        if f"{metric}_lo" in data.columns:  # each point's bootstrap interval
+            for x, m in zip(positions, methods):
+                rows = data[(data["saliency_method"] == m) & (data["family"] == fam)]
+                lo, hi = rows[f"{metric}_lo"].to_numpy(float), rows[f"{metric}_hi"].to_numpy(float)
+                y = rows[metric].to_numpy(float)
+                ok = np.isfinite(lo) & np.isfinite(hi)
+                if ok.any():
+                    ax.errorbar(np.full(ok.sum(), x), y[ok], yerr=[y[ok] - lo[ok], hi[ok] - y[ok]],
+                                fmt="none", ecolor=FAMILY_COLORS[fam], elinewidth=1, capsize=3,
+                                gid="intervals")
         ax.scatter([], [], color=FAMILY_COLORS[fam], label=fam)  # legend entry only
     ax.set_xticks(range(len(methods)), [_display(m) for m in methods])
     ax.set_xlim(-0.6, len(methods) - 0.4)
-    ax.set_ylabel(metric.upper() if metric == "cose" else metric)
-    ax.set_ylim(*_limits(data[metric]))
+    ax.set_ylabel((metric.upper() if metric == "cose" else metric) + " (higher is better)")
+    bounds = [data[c] for c in (metric, f"{metric}_lo", f"{metric}_hi") if c in data.columns]
+    ax.set_ylim(*_limits(pd.concat(bounds) if bounds else data[metric]))
     ax.set_title("COSE by architecture family")
     ax.grid(axis="y", alpha=0.3)
     if families:
@@ -649,6 +666,31 @@ font-size:.85em;border:1px solid #eaeef2}details summary{cursor:pointer;font-wei
 """
 
 
+_GLOSSARY = """<dl>
+<dt>consistency (<code>geom_consistency</code>, <code>photo_consistency</code>,
+<code>overall_consistency</code>)</dt><dd>mean SSIM between the original map and the map of a
+transformed image whose prediction did not change (geometric ones mapped back): a good map
+follows the image. Higher is better.</dd>
+<dt><code>*_fidelity</code> (the reference's names: <code>geom_fidelity</code>,
+<code>photo_fidelity</code>, <code>img_fidelity</code>, <code>random_fidelity</code>,
+<code>midckpt_fidelity</code>, <code>model_fidelity</code>, <code>overall_fidelity</code>)</dt>
+<dd>mean SSIM between the original map and the map of a variant whose prediction changed
+(a transformed image, the random-init model, a mid-training checkpoint): a good map changes
+with the prediction, so lower is better here.</dd>
+<dt>sensitivity</dt><dd>1 &minus; <code>overall_fidelity</code>. SSIM lies in [&minus;1, 1],
+so sensitivity lies in [0, 2]: above 1 the variant's map is anti-correlated with the
+original's. Higher is better.</dd>
+<dt>COSE</dt><dd>sqrt(overall_consistency &times; sensitivity), the geometric mean the paper
+reports (<code>cose_hmean</code>: the harmonic mean). Higher is better.</dd>
+<dt>noise floor</dt><dd>mean SSIM between two maps of the same image and model from a
+stochastic method run with two seeds: its own self-consistency ceiling. A consistency close to
+it says the transform changed the map no more than the method's own randomness does.</dd>
+<dt>n_images, n_&lt;metric&gt;, n_nan_ssim</dt><dd>the test images behind a cell, the pairs
+behind each mean, and the pairs whose SSIM is NaN (left out: both maps constant, or an empty
+eroded mask).</dd>
+</dl>"""
+
+
 def _kv_html(d: Mapping[str, Any]) -> str:
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                    for k, v in d.items())
@@ -686,6 +728,17 @@ def render_html(
         "COSE = sqrt(consistency &times; sensitivity), SSIM based.</p>")
     if versions:
         h += ["<h2>Versions</h2>", _kv_html(versions)]
+    ranged = "cose_lo" in summary.columns
+    h.append("<p>Higher is better in every table. " + (
+        "A cell reads <em>value &plusmn; h</em>: h is half the bootstrap interval over images "
+        "(summary.csv has [lo, hi]); the last rows give each method's mean over its cells and "
+        "the test images and pairs behind each cell." if ranged else "") + "</p>")
+    flagged = summary[summary["nan_flag"]] if "nan_flag" in summary.columns else summary[:0]
+    if len(flagged):
+        from cose.uncertainty import warnings_for
+
+        h += ["<h2>Warnings</h2>", "<ul>"] + [f"<li>{html.escape(w)}</li>"
+                                              for w in warnings_for(summary)] + ["</ul>"]
     h += ["<h2>Table 1: COSE</h2>", paper_table_html(summary, "cose"),
           "<h2>Consistency</h2>", paper_table_html(summary, "overall_consistency"),
           "<h2>Sensitivity</h2>", paper_table_html(summary, "sensitivity")]
@@ -711,6 +764,7 @@ def render_html(
             c for c in summary.columns if c.startswith("n_")]
         h += ["<details><summary>Full summary (every metric and its row count)</summary>",
               _frame_html(summary[[c for c in cols if c in summary.columns]]), "</details>"]
+    h += ["<h2>Glossary</h2>", _GLOSSARY]
     if params:
         h += ["<h2>Parameters</h2>",
               f"<pre>{html.escape(yaml.safe_dump(dict(params), sort_keys=False))}</pre>"]

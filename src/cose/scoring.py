@@ -547,21 +547,32 @@ def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def _cell(value: float, lo: float | None = None, hi: float | None = None) -> str:
+    """A percent cell; with an interval, ``63.20% ± 2.97`` (half its width, percent points)."""
+    text = _percent(value)
+    if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi) \
+            and np.isfinite(value):
+        text += f" ± {100 * (hi - lo) / 2:.2f}"
+    return text
+
+
 def paper_table_markdown(summary: pd.DataFrame, metric: str = "cose",
-                         methods: list[str] | None = None) -> str:
+                         methods: list[str] | None = None,
+                         means: pd.DataFrame | None = None) -> str:
     """The paper's table: rows dataset x model, columns methods (BlurIG ... SmoothGrad order,
     then registered methods; ``methods`` fixes them), ``metric`` in percent with 2 decimals,
-    last row each method's mean over the rows shown, in bold."""
+    last row each method's mean over the rows shown, in bold. Where ``summary`` holds
+    ``<metric>_lo``/``_hi`` (cose.uncertainty) a cell reads ``63.20% ± 2.97``: half the
+    bootstrap interval, and the mean row takes its interval from ``means``
+    (:func:`cose.uncertainty.method_means`); where it holds ``n_images`` a last row gives the
+    images behind each method's cells."""
     _require(summary, list(GROUP_COLUMNS) + [metric], "paper_table_markdown")
     if methods is None:
         methods = spec.method_order(pd.unique(summary["saliency_method"]))
-    table = summary.pivot_table(
-        index=["dataset", "model"],
-        columns="saliency_method",
-        values=metric,
-        aggfunc="first",
-        dropna=False,
-    )
+    lo_col, hi_col = f"{metric}_lo", f"{metric}_hi"
+    ranged = lo_col in summary.columns and hi_col in summary.columns
+    cells = {(r["dataset"], r["model"], r["saliency_method"]): r
+             for r in summary.to_dict("records")}
     present_rows = summary[["dataset", "model"]].drop_duplicates().itertuples(index=False)
     rows = sorted(
         (tuple(r) for r in present_rows),
@@ -573,17 +584,33 @@ def paper_table_markdown(summary: pd.DataFrame, metric: str = "cose",
     for dataset, model in rows:
         first = "" if dataset == previous else f"**{display_dataset(dataset)}**"
         previous = dataset
-        cells = [first, f"**{display_model(model)}**"]
+        out = [first, f"**{display_model(model)}**"]
         for m in methods:
-            value = table.at[(dataset, model), m] if m in table.columns else float("nan")
-            cells.append(_percent(float(value)))
-        lines.append("| " + " | ".join(cells) + " |")
-    means = ["", ""]
+            r = cells.get((dataset, model, m), {})
+            value = float(r.get(metric, float("nan")))
+            out.append(_cell(value, r.get(lo_col), r.get(hi_col)) if ranged else _percent(value))
+        lines.append("| " + " | ".join(out) + " |")
+    mean_cells = ["", "**mean**"]
+    by_method = ({r["saliency_method"]: r for r in means.to_dict("records")}
+                 if means is not None else {})
     for m in methods:
-        col = table.loc[rows, m].astype(float) if m in table.columns else pd.Series(dtype=float)
+        col = np.array([float(cells[(d, o, m)][metric]) for d, o in rows if (d, o, m) in cells])
         col = col[np.isfinite(col)]
-        means.append(f"**{_percent(float(col.mean()))}**" if len(col) else "n/a")
-    lines.append("| " + " | ".join(means) + " |")
+        if not len(col):
+            mean_cells.append("n/a")
+            continue
+        r = by_method.get(m, {})
+        text = _cell(float(col.mean()), r.get(lo_col), r.get(hi_col))
+        mean_cells.append(f"**{text}**")
+    lines.append("| " + " | ".join(mean_cells) + " |")
+    for column, label in (("n_images", "images"), ("n_pairs", "pairs")):
+        if column not in summary.columns or "n_images" not in summary.columns:
+            continue  # counts rows come with the intervals (cose.uncertainty.summarize)
+        counts = ["", label]
+        for m in methods:
+            n = sorted({int(cells[(d, o, m)][column]) for d, o in rows if (d, o, m) in cells})
+            counts.append("-" if not n else str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}")
+        lines.append("| " + " | ".join(counts) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -599,7 +626,8 @@ def published_table_markdown(summary: pd.DataFrame, metric: str = "cose") -> str
                                 methods=spec.method_order(spec.BUILTIN_METHODS))
 
 
-def write_summary(summary: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
+def write_summary(summary: pd.DataFrame, out_dir: str | os.PathLike,
+                  means: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write ``summary.csv``, ``cose_table.md`` and, when the published Table 1's models are
     present, ``table1.md`` (:func:`published_table_markdown`) into ``out_dir`` atomically (temp
     file in the same folder, then ``os.replace``). Returns their paths."""
@@ -614,11 +642,16 @@ def write_summary(summary: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str
     ]
     columns = list(GROUP_COLUMNS) + list(METRICS) + counts + extra
     csv_text = summary[columns].to_csv(index=False, lineterminator="\n")
-    table = paper_table_markdown(summary)
+    table = paper_table_markdown(summary, means=means)
+    if "cose_lo" in summary.columns:
+        level = summary.attrs.get("level", 0.95)
+        table += (f"\nCOSE in percent, higher is better. ± half the {100 * level:.0f}% bootstrap "
+                  "interval over images ([lo, hi] in summary.csv); the last rows: each method's "
+                  "mean over its cells, and the test images behind each cell.\n")
     paths = {"summary": out / "summary.csv", "table": out / "cose_table.md"}
     atomic_write_text(paths["summary"], csv_text)
     atomic_write_text(paths["table"], table)
-    published = published_table_markdown(summary)
+    published = published_table_markdown(summary)  # its own rows: means of those only
     if published is not None:
         paths["table1"] = out / "table1.md"
         atomic_write_text(paths["table1"], published)

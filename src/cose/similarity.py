@@ -236,10 +236,15 @@ def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
 
     ``data_range`` per sample is the larger of the two maps' ranges (max - min over the whole
     map, mask or not). With ``mask`` (bool [B,H,W]) the full SSIM image (border included) is
-    averaged over the mask eroded by 5x5 (:func:`erode_mask`). NaN where undefined.
+    averaged over the mask eroded by 5x5 (:func:`erode_mask`). NaN where undefined. SSIM
+    lies in [-1, 1]: float round-off beyond is clipped, and two identical maps score exactly 1
+    (a deterministic method's noise floor).
     """
     with _cpu_workers(a.device if isinstance(a, torch.Tensor) else torch.device("cpu")) as n:
-        return _ssim(a, b, mask, n)
+        value = _ssim(a, b, mask, n)
+    same = (a == b.to(a.device)).flatten(1).all(1).to(value.device)
+    value = value.clamp(-1.0, 1.0)  # NaN stays NaN
+    return torch.where(same & ~value.isnan(), torch.ones_like(value), value)
 
 
 def _ssim(a, b, mask, workers: int) -> torch.Tensor:

@@ -195,7 +195,12 @@ for _spec in (
     MethodSpec("lime", "LIME", "perturbation", stochastic=True, paper_images=50,
                reference_dir="lime", fusable=True, order=5,
                settings={"samples": Setting(1000, "int", 1), "num_features": Setting(10, "int", 1),
-                         "seed": Setting(0, "seed"), "batch_size": _BATCH},
+                         "seed": Setting(0, "seed"), "batch_size": _BATCH,
+                         "kernel_size": Setting(None, "float", 1, optional=True,
+                                                help="quickshift; null: 4 x side / 224"),
+                         "max_dist": Setting(None, "float", 0, optional=True,
+                                             help="quickshift; null: 200 x side / 224"),
+                         "ratio": Setting(0.2, "float", 0)},
                doc="LIME (lime), quickshift superpixels, hide colour 0"),
 ):
     register_method(_spec)

@@ -20,15 +20,13 @@ from typing import Any
 import pandas as pd
 
 from cose.columns import PAIR_COLUMNS
+from cose.spec import TRANSFORMS
 
 from .image import CONVERTED_MODES
 from .manifest import CLASSES, MANIFEST, MANIFEST_COLUMNS, SPLITS, read_classes, sha256_file
 
-_TRANSFORMS = (
-    "TranslateX", "TranslateY", "Rotate", "FlipLR", "FlipUD", "Brightness", "Color", "Contrast",
-    "Sharpness", "AutoContrast", "Equalize", "Blur", "Smooth",
-)
-TRANSFORM_TYPE_PATTERN = r"^(?:" + "|".join(_TRANSFORMS) + r"|random|mid_ckpt_e\d{3,})$"
+TRANSFORM_TYPE_PATTERN = (r"^(?:" + "|".join(TRANSFORMS)
+                          + r"|random|seed|mid_ckpt_[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*)$")
 _INT_TYPES = ["int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64",
               "Int64", "Int32"]
 _UNSAFE_PATH = r"(?:^/|^[A-Za-z]:|\\|(?:^|/)\.\.(?:/|$))"

@@ -9,7 +9,10 @@ get_image_and_mask(target, positive_only=False, num_features=num_features):
   `np.moveaxis(inputs.numpy(), 0, 2)`; quickshift on a float64 copy finds other superpixels
   on some images);
 - quickshift superpixels (lime's default: kernel_size=4, max_dist=200, ratio=0.2,
-  random_seed=seed), through lime's own SegmentationAlgorithm wrapper;
+  random_seed=seed), through lime's own SegmentationAlgorithm wrapper; on images of another
+  size the superpixels keep the reference's geometry: kernel_size = max(1, 4 side / 224),
+  max_dist = 200 side / 224 (side = the shorter image side; exactly 4 and 200 at 224 px),
+  so a 32 px image is not one segment (settings kernel_size, max_dist, ratio override);
 - a RandomState(seed) draws the on/off matrix (row 0 all on), as the reference's explainer
   draws it from numpy's global stream (seeded once per run there: its state then depends on
   every earlier draw, which no rerun reproduces); a hidden superpixel is set to 0 (hide
@@ -30,6 +33,7 @@ channel mean.
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -40,14 +44,34 @@ from cose.saliency import _core
 from cose.saliency.postprocess import lime_mask
 
 KERNEL_WIDTH = 0.25
+#: fewer superpixels than this on an image makes its map nearly constant: a warning says so
+MIN_SEGMENTS = 3
 
 
 def _kernel(d: np.ndarray) -> np.ndarray:
     return np.sqrt(np.exp(-(d**2) / KERNEL_WIDTH**2))
 
 
-def segment(image_hwc: np.ndarray, random_seed: int) -> np.ndarray:
-    """lime's default segmentation of one HWC image (quickshift seeded by `random_seed`)."""
+REFERENCE_SIDE = 224
+KERNEL_SIZE, MAX_DIST, RATIO = 4.0, 200.0, 0.2
+
+
+def segmentation_settings(height: int, width: int, kernel_size: float | None = None,
+                          max_dist: float | None = None) -> tuple[float, float]:
+    """quickshift's (kernel_size, max_dist): lime's defaults at 224 px, scaled with the image
+    (a kernel of at least 1 pixel) unless given."""
+    side = min(height, width)
+    if kernel_size is None:
+        kernel_size = max(1.0, KERNEL_SIZE * side / REFERENCE_SIDE)
+    if max_dist is None:
+        max_dist = MAX_DIST * side / REFERENCE_SIDE
+    return float(kernel_size), float(max_dist)
+
+
+def segment(image_hwc: np.ndarray, random_seed: int, kernel_size: float = KERNEL_SIZE,
+            max_dist: float = MAX_DIST, ratio: float = RATIO) -> np.ndarray:
+    """lime's segmentation of one HWC image (quickshift seeded by `random_seed`; lime's
+    defaults unless given)."""
     from lime.wrappers.scikit_image import SegmentationAlgorithm
     from skimage.color import gray2rgb
 
@@ -58,7 +82,8 @@ def segment(image_hwc: np.ndarray, random_seed: int) -> np.ndarray:
     else:
         img = gray2rgb(image_hwc.mean(2))
     seg = SegmentationAlgorithm(
-        "quickshift", kernel_size=4, max_dist=200, ratio=0.2, random_seed=random_seed
+        "quickshift", kernel_size=kernel_size, max_dist=max_dist, ratio=ratio,
+        random_seed=random_seed
     )
     return seg(img)
 
@@ -73,19 +98,24 @@ def compute(
     num_features: int = 10,
     seed: int | None = 0,
     batch_size: int = 64,
+    kernel_size: float | None = None,
+    max_dist: float | None = None,
+    ratio: float = RATIO,
 ) -> torch.Tensor:
     import sklearn.metrics
     from lime.lime_base import LimeBase
 
     x = images.detach().float()
     B, C, H, W = x.shape
+    ks, md = segmentation_settings(H, W, kernel_size, max_dist)
     dev = x.device
     hwc = x.permute(0, 2, 3, 1).cpu().numpy()  # float32, as the reference segments it
 
     def prepare(i):
         rs = np.random.RandomState(None if seed is None else int(seed))
         # seed None: a fresh segmentation seed too (lime draws one from its RandomState)
-        seg = segment(hwc[i], rs.randint(0, high=1000) if seed is None else int(seed))
+        seg = segment(hwc[i], rs.randint(0, high=1000) if seed is None else int(seed),
+                      ks, md, ratio)
         n_feat = np.unique(seg).shape[0]
         data = rs.randint(0, 2, samples * n_feat).reshape((samples, n_feat))
         data[0, :] = 1
@@ -100,6 +130,12 @@ def compute(
     else:
         prepared = [prepare(i) for i in range(B)]
     states, segs, datas = (list(v) for v in zip(*prepared))
+    few = [int(d.shape[1]) for d in datas if d.shape[1] < MIN_SEGMENTS]
+    if few:
+        warnings.warn(
+            f"LIME: {len(few)} of {B} images have fewer than {MIN_SEGMENTS} superpixels "
+            f"({min(few)} at least): their maps are (nearly) constant; lower "
+            f"explain.settings.lime.kernel_size / max_dist (now {ks:g} / {md:g})", stacklevel=2)
 
     # a perturbation that occurs twice has one model output: evaluate each distinct on/off row
     # once (with few superpixels - small images - most of the samples repeat; with ~50, none do)

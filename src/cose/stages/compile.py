@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cose import scoring
+from cose import scoring, uncertainty
 from cose.config import Config
 from cose.io import atomic_write_text, remove_temp_files
 from cose.stages import common
@@ -25,7 +25,7 @@ from cose.tracking import Journal
 
 log = logging.getLogger("cose.compile")
 
-HEADLINE = ("overall_consistency", "sensitivity", "cose", "cose_hmean")
+HEADLINE = ("overall_consistency", "sensitivity", "cose", "cose_hmean", "noise_floor")
 
 
 def load_pairs(cfg: Config) -> pd.DataFrame:
@@ -42,30 +42,48 @@ def load_pairs(cfg: Config) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def metrics_json(summary: pd.DataFrame, accuracies: dict[str, dict[str, float]]) -> dict:
+def _num(value) -> float | None:
+    return None if value is None or pd.isna(value) else round(float(value), 6)
+
+
+def metrics_json(summary: pd.DataFrame, accuracies: dict[str, dict[str, float]],
+                 means: pd.DataFrame | None = None) -> dict:
+    """Per (dataset, model, method) the headline metrics with their intervals (``*_lo``,
+    ``*_hi``) and image count; per dataset and model the test accuracy; per method the mean
+    COSE over its cells (with its interval)."""
     out: dict = {}
+    keys = [k for m in HEADLINE for k in (m, f"{m}_lo", f"{m}_hi") if k in summary.columns]
+    keys += [k for k in ("n_images", "n_pairs", "nan_share") if k in summary.columns]
     for row in summary.to_dict("records"):
         node = out.setdefault(row["dataset"], {}).setdefault(row["model"], {})
-        node[row["saliency_method"]] = {
-            k: (None if pd.isna(row[k]) else round(float(row[k]), 6)) for k in HEADLINE
-        }
+        node[row["saliency_method"]] = {k: _num(row[k]) for k in keys}
     for dataset, per_model in accuracies.items():
         for model, acc in per_model.items():
             out.setdefault(dataset, {}).setdefault(model, {})["test_accuracy"] = acc
-    means = summary.groupby("saliency_method")["cose"].mean()
-    out["mean_cose"] = {m: round(float(v), 6) for m, v in means.items() if pd.notna(v)}
+    if means is None:
+        means = summary.groupby("saliency_method", sort=False)["cose"].mean().reset_index()
+    out["mean_cose"] = {r["saliency_method"]: _num(r["cose"]) for r in means.to_dict("records")
+                        if pd.notna(r["cose"])}
+    if "cose_lo" in means.columns:
+        out["mean_cose_interval"] = {
+            r["saliency_method"]: [_num(r["cose_lo"]), _num(r["cose_hi"])]
+            for r in means.to_dict("records") if pd.notna(r["cose"])}
     return out
 
 
 def write_results(summary: pd.DataFrame, pairs: pd.DataFrame | None, out: Path,
-                  accuracies: dict | None = None) -> list[Path]:
-    """summary.csv, cose_table.md, metrics.json and breakdowns under `out`."""
+                  accuracies: dict | None = None, means: pd.DataFrame | None = None,
+                  comparisons: pd.DataFrame | None = None) -> list[Path]:
+    """summary.csv, cose_table.md, metrics.json, comparisons.csv and breakdowns under
+    `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    scoring.write_summary(summary, out)
-    written = [out / "summary.csv", out / "cose_table.md"]
-    atomic_write_text(out / "metrics.json",
-                      json.dumps(metrics_json(summary, accuracies or {}), indent=2, sort_keys=True))
+    written = list(scoring.write_summary(summary, out, means=means).values())
+    atomic_write_text(out / "metrics.json", json.dumps(
+        metrics_json(summary, accuracies or {}, means), indent=2, sort_keys=True))
     written.append(out / "metrics.json")
+    if comparisons is not None:
+        atomic_write_text(out / "comparisons.csv", comparisons.to_csv(index=False))
+        written.append(out / "comparisons.csv")
     if pairs is not None:
         for name, fn in (("by_transform", scoring.breakdown_by_transform),
                          ("by_magnitude", scoring.breakdown_by_magnitude)):
@@ -134,8 +152,11 @@ def run(cfg: Config) -> pd.DataFrame:
         r = journal.run(key, f"cose {key}")
         r.log_params({"dataset": row["dataset"], "model": row["model"],
                       "saliency_method": row["saliency_method"]})
-        r.log_metrics({k: v for k, v in row.items()
-                       if k not in ("dataset", "model", "saliency_method") and pd.notna(v)})
+        r.log_metrics({k: float(v) for k, v in row.items()
+                       if k not in ("dataset", "model", "saliency_method")
+                       and isinstance(v, (int, float, np.number)) and pd.notna(v)})
+        if row.get("nan_cause"):
+            r.set_tags({"cose.nan_cause": row["nan_cause"]})
         acc = accuracies.get(row["dataset"], {}).get(row["model"])
         if acc is not None:
             r.log_metric("test_accuracy", acc)
@@ -155,12 +176,26 @@ def _compile(cfg: Config):
     report = validate_pairs(pairs)
     if not report.ok:
         raise ValueError("per-pair table failed validation:\n" + report.to_markdown())
-    log.info("compile: scoring %d pairs", len(pairs))
-    summary = scoring.summarize(pairs, nan=cfg.compile.nan)
+    c = cfg.compile
+    log.info("compile: scoring %d pairs (%s)", len(pairs),
+             f"{c.bootstrap} bootstrap resamples" if c.bootstrap else "no intervals")
+    summary, reps = uncertainty.summarize(pairs, nan=c.nan, bootstrap=c.bootstrap,
+                                          level=c.level, seed=cfg.seed, nan_share=c.nan_share)
+    for line in uncertainty.warnings_for(summary):
+        log.warning("compile: %s", line)
+    means = uncertainty.method_means(summary, reps, c.level) if c.bootstrap else None
+    comparisons = uncertainty.compare_methods(pairs, nan=c.nan, bootstrap=c.bootstrap,
+                                              level=c.level, seed=cfg.seed)
     accuracies = train_accuracies(cfg)
-    written = write_results(summary, pairs, common.RESULTS, accuracies)
+    written = write_results(summary, pairs, common.RESULTS, accuracies, means, comparisons)
     written += write_report(cfg, summary, pairs, common.RESULTS, accuracies)
     return summary, written, accuracies
+
+
+def _summary(cfg: Config, pairs: pd.DataFrame) -> pd.DataFrame:
+    c = cfg.compile
+    return uncertainty.summarize(pairs, nan=c.nan, bootstrap=c.bootstrap, level=c.level,
+                                 seed=cfg.seed, nan_share=c.nan_share)[0]
 
 
 def report_only(cfg: Config, out: Path, reference_outputs: str | None = None) -> list[Path]:
@@ -168,12 +203,12 @@ def report_only(cfg: Config, out: Path, reference_outputs: str | None = None) ->
     reference's result CSVs), without metrics files or MLflow."""
     if reference_outputs:
         pairs = scoring.read_reference_outputs(reference_outputs)
-        summary = scoring.summarize(pairs, nan=cfg.compile.nan)
+        summary = _summary(cfg, pairs)
         scoring.write_summary(summary, out)
         from cose import report
 
         return report.write_report(out, summary, pairs, versions=report.versions(),
                                    title=f"COSE report: {reference_outputs}")
     pairs = load_pairs(cfg)
-    summary = scoring.summarize(pairs, nan=cfg.compile.nan)
+    summary = _summary(cfg, pairs)
     return write_report(cfg, summary, pairs, out, train_accuracies(cfg))

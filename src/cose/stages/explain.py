@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cose import closure, precision
+from cose import closure, precision, spec
 from cose.config import Config, from_dict
 from cose.io import (
     atomic_write_bytes,
@@ -303,6 +303,7 @@ def compute_unit(
         seed=cfg.explain.seed, random_model=ctx["random"], checkpoints=ctx["checkpoints"],
         settings=cfg.explain.settings.get(unit.method, {}), batch_size=cfg.explain.batch_size,
         keep_samples=keep, precision=cfg.explain.precision, draws=draws or None,
+        noise_floor=cfg.explain.noise_floor and spec.method(unit.method).stochastic,
     )
     buf = io.BytesIO()
     result.pairs.to_parquet(buf, index=False)
