@@ -29,7 +29,9 @@ def test_overrides_use_dotted_keys_and_yaml_values():
     assert cfg.explain.images == 3
     assert cfg.train.save_epochs == (1, 2)
     assert cfg.explain.settings["ig"] == {"steps": 5}
-    assert cfg.explain.settings["lime"]["samples"] == 100  # untouched siblings survive
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    lime = raw["explain"]["settings"]["lime"]["samples"]
+    assert cfg.explain.settings["lime"]["samples"] == lime  # untouched siblings survive
     assert cfg.tracking.required is True
     assert cfg.train.lr == pytest.approx(1e-3)
 
@@ -52,8 +54,8 @@ def test_overrides_use_dotted_keys_and_yaml_values():
         ("explain.random_model=maybe", "explain.random_model: got 'maybe', expected true or false"),
         ("explain.settings.shap.steps=1", "explain.settings.shap: unknown method"),
         ("explain.images_by_method.shap=1", "explain.images_by_method.shap: unknown method"),
-        ("explain.images_by_method.lime=7",
-         "explain.images_by_method.lime: got 7, expected an integer in 1..explain.images (6)"),
+        ("explain.images_by_method.lime=11",
+         "explain.images_by_method.lime: got 11, expected an integer in 1..explain.images (10)"),
         ("explain.images_by_method.lime=0", "explain.images_by_method.lime: got 0, expected"),
         ("explain.images_by_method.lime=two", "explain.images_by_method.lime: got 'two'"),
         ("explain.images_by_method=5", "explain.images_by_method: got 5, expected a mapping"),
@@ -71,7 +73,8 @@ def test_bad_values_name_key_value_and_allowed(override, needle):
 def test_images_by_method_gives_some_methods_the_first_n_images():
     cfg = load(["explain.images_by_method.lime=2", "explain.images_by_method.guided_ig=6"])
     assert cfg.explain.images_by_method == {"lime": 2, "guided_ig": 6}
-    assert [cfg.explain.images_for(m) for m in ("lime", "guided_ig", "ig")] == [2, 6, 6]
+    assert [cfg.explain.images_for(m) for m in ("lime", "guided_ig", "ig")] == [
+        2, 6, cfg.explain.images]
     # every mapping param takes dotted keys below it
     cfg = load(["train.weights.demo_resnet=/tmp/w.pth"], registries=True)
     assert cfg.train.weights == {"demo_resnet": "/tmp/w.pth"}

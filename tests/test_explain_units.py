@@ -61,7 +61,7 @@ def project(tmp_path, data_root, monkeypatch):
 
 def _counts() -> tuple[int, int]:
     """This process's context loads so far, and how many of them were prefetched."""
-    return explain._LOADS, explain._PREFETCHED
+    return explain.WORKER.loads, explain.WORKER.prefetched
 
 
 def _since(before: tuple[int, int], result: dict) -> tuple[int, int]:
@@ -158,7 +158,7 @@ def test_a_failed_prefetch_fails_the_unit_that_needs_it(project, monkeypatch):
     jobs = explain.jobs(units)
     for job in jobs[:4]:  # demo_resnet's units finish while the ViT's load fails behind them
         assert explain.run_job(job, cfg.to_dict())["rows"] > 0
-    assert explain._PREFETCH  # the failed load is still waiting for its unit
+    assert explain.WORKER.pending  # the failed load is still waiting for its unit
     with pytest.raises(ValueError, match=r"epoch_001\.pt: cannot be read as a weights-only"):
         explain.run_job(jobs[4], cfg.to_dict())
     assert all(explain.shard_ok(u) for u in units[:4])
@@ -171,7 +171,7 @@ def test_checkpoints_changed_after_the_prefetch_are_loaded_again(project, monkey
     jobs = explain.jobs(explain.plan(cfg))
     for job in jobs[:4]:
         explain.run_job(job, cfg.to_dict())
-    next(iter(explain._PREFETCH.values())).result()  # the old ViT checkpoints are loaded
+    next(iter(explain.WORKER.pending.values())).result()  # the old ViT checkpoints are loaded
     _write_checkpoints(root, "demo_vit", 99)  # e.g. retrained meanwhile
     new_jobs = explain.jobs(explain.plan(cfg))
     before = _counts()

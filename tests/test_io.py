@@ -49,3 +49,18 @@ def test_cached_digest_is_reused_until_the_file_changes(tmp_path, monkeypatch):
     io.atomic_write_bytes(path, b"a" * 1000)
     assert io.sha256_file_cached(path) == first and len(calls) == 5
     assert io.sha256_file_cached(path) == first and len(calls) == 5
+
+
+def test_atomic_torch_save_gives_the_same_bytes_for_the_same_object(tmp_path):
+    """Saved to a temporary file name, torch names the archive's folder after it: the bytes
+    would differ on every save and a retrained, bit-identical model would look changed."""
+    import torch
+
+    from cose.training import atomic_save
+
+    obj = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3}
+    a = io.atomic_torch_save(obj, tmp_path / "a.pt")
+    b = atomic_save(obj, tmp_path / "sub" / "b.pt")
+    assert a.read_bytes() == b.read_bytes()
+    assert torch.equal(torch.load(b)["state_dict"]["w"], obj["state_dict"]["w"])
+    assert not list(tmp_path.rglob("*.tmp"))

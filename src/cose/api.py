@@ -7,9 +7,9 @@
     result.pairs      # the per-pair table (one row per image and variant)
     result.plot()     # a matplotlib figure
 
-``evaluate`` runs :func:`cose.engine.explain_unit` (the explain stage's work unit) over chunks
-of the images for each saliency method, so the numbers are the pipeline's numbers for the same
-model, images, seed and settings. ``load_folder`` reads an image folder or a fetched dataset
+``evaluate`` runs :func:`cose.runner.explain_pair` (the explain stage's work units, through the
+same library layer) over chunks of the images for each saliency method, so the numbers are the
+pipeline's numbers for the same model, images, seed and settings. ``load_folder`` reads an image folder or a fetched dataset
 folder for the ``cose evaluate`` command.
 """
 
@@ -32,6 +32,7 @@ from torch import nn
 from cose import precision as P
 from cose import scoring
 from cose import transforms as T
+from cose.runner import Options, Pair, explain_pair
 
 __all__ = ["DEFAULT_METHODS", "Evaluation", "evaluate", "load_folder"]
 
@@ -271,9 +272,9 @@ def _probe(model: nn.Module, x: torch.Tensor, norm, tag: str) -> int:
 def _progress(progress: bool | None) -> bool:
     if progress is not None:
         return bool(progress)
-    from cose.stages.common import quiet
+    from cose import runtime
 
-    return not quiet()
+    return not runtime.current().quiet
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -300,6 +301,7 @@ def evaluate(
     model_name: str | None = None,
     progress: bool | None = None,
     precision: str = "fp32",
+    noise_floor: bool = True,
 ) -> Evaluation:
     """COSE of saliency ``methods`` on ``model`` for ``images`` (float ``[N,C,H,W]`` in [0,1],
     at the model's input size) with integer ``labels``.
@@ -316,11 +318,13 @@ def evaluate(
     (memory). ``ids`` name the images (default 0..N-1; the draws depend on them, not on the
     chunking). ``progress``: a progress bar with ETA (default: on unless ``CI`` / quiet /
     stderr is not a terminal). ``precision``: of the saliency passes, ``"fp32"`` (default),
-    ``"tf32"`` or ``"bf16"`` (:mod:`cose.precision`; predictions stay fp32). All models are
-    put in eval mode during the run and restored. Returns an :class:`Evaluation`.
+    ``"tf32"`` or ``"bf16"`` (:mod:`cose.precision`; predictions stay fp32). ``noise_floor``:
+    for a stochastic method (SmoothGrad, LIME), add the ``seed`` variant, the same image and
+    model explained with another seed (the method's self-consistency ceiling; as
+    ``explain.noise_floor``). All models are put in eval mode during the run and restored.
+    Returns an :class:`Evaluation`. The work runs through :mod:`cose.runner`, as the
+    explain stage's does, so both give the same rows.
     """
-    from cose.engine import explain_unit
-
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     method_list = _methods(methods)
@@ -372,41 +376,18 @@ def evaluate(
 
     modules = [model, random_model, *ckpts.values()]
     modes = [(m, m.training) for m in modules if m is not None]
-    name = model_name or type(model).__name__
-    chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-    frames, samples = [], {}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(method_list) * len(chunks), desc="cose.evaluate", unit="unit",
-               disable=not _progress(progress), dynamic_ncols=True)
+    pair = Pair(model, x, y, ids, norm, random_model, ckpts, dataset,
+                model_name or type(model).__name__)
+    opts = Options(tf, magnitudes, seed, settings, batch_size, precision, noise_floor,
+                   sample_maps)
     try:
         for m, _ in modes:
             m.eval()
-        for method in method_list:
-            parts = []
-            for start, stop in chunks:
-                bar.set_postfix_str(f"{method} images {start}-{stop - 1}")
-                res = explain_unit(
-                    model, x[start:stop], y[start:stop], ids[start:stop], method, norm,
-                    transforms=tf, magnitudes=magnitudes, seed=seed, random_model=random_model,
-                    checkpoints=ckpts, settings=dict(settings.get(method, {})),
-                    batch_size=batch_size, keep_samples=sample_maps if start == 0 else 0,
-                    precision=precision)
-                parts.append(res.pairs)
-                if res.samples:
-                    samples[method] = res.samples
-                bar.update()
-                log.debug("%s: images %d-%d: %d pairs", method, start, stop - 1, len(res.pairs))
-            df = pd.concat(parts, ignore_index=True)
-            df.insert(0, "saliency_method", method)
-            df.insert(0, "model", name)
-            df.insert(0, "dataset", dataset)
-            frames.append(df)
+        pairs, samples = explain_pair(pair, method_list, opts, chunk_size, _progress(progress))
     finally:
-        bar.close()
         for m, was_training in modes:
             m.train(was_training)
-    pairs = pd.concat(frames, ignore_index=True)[list(scoring.PAIR_COLUMNS)]
+    pairs = pairs[list(scoring.PAIR_COLUMNS)]
     return Evaluation(pairs=pairs, samples=samples, image_size=size)
 
 
@@ -431,6 +412,7 @@ def load_folder(
     """
     from cose.data import load_image, read_classes, read_rows
     from cose.data.sources import IMAGE_SUFFIXES
+    from cose.selection import shared_subset
 
     root = Path(path)
     if not root.is_dir():
@@ -467,8 +449,7 @@ def load_folder(
     if images is not None:
         if isinstance(images, bool) or not isinstance(images, int) or images < 1:
             raise ValueError(f"images: expected an integer >= 1, got {images!r}")
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(files), generator=g)[:images].tolist()
+        order = list(shared_subset(len(files), images, seed))
     x = torch.stack([load_image(files[i][0], spec) for i in order])
     y = torch.tensor([files[i][1] for i in order], dtype=torch.int64)
     return x, y, order, classes

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from cose import runtime
 from cose.config import ConfigError
 
 STAGES = ("validate", "train", "explain", "compile")
@@ -79,10 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="COSE of a registry model with your weights on an image folder or a "
                     "fetched dataset folder, without DVC or MLflow (the Python twin is "
                     "cose.evaluate). Prints consistency, sensitivity and COSE per method.")
-    ev.add_argument("--model", required=True, help="registry model name (see cose.models.names())")
-    ev.add_argument("--weights", required=True, metavar="FILE",
-                    help="checkpoint file: a COSE checkpoint (checkpoints/<dataset>/<model>/"
-                         "final.pt) or a published state dict trained on DIR's classes")
+    ev.add_argument("--model", required=True,
+                    help="a registry model name (plugins' included), a timm architecture name, "
+                         "module:factory (a callable returning the nn.Module, given the class "
+                         "count), or a TorchScript file")
+    ev.add_argument("--weights", default=None, metavar="FILE",
+                    help="a COSE checkpoint (checkpoints/<dataset>/<model>/final.pt) or a state "
+                         "dict trained on DIR's classes (not for TorchScript, which holds its "
+                         "own); without it the model is random-init")
+    ev.add_argument("--num-classes", type=int, default=None,
+                    help="the model's class count (default: the checkpoint's, else DIR's); it "
+                         "must match the data and the checkpoint")
+    ev.add_argument("--size", type=int, default=224,
+                    help="input side for a model outside the registry: resize and centre-crop "
+                         "(default 224; registry models use their own)")
     ev.add_argument("--data", required=True, metavar="DIR",
                     help="DIR/manifest.csv (a fetched dataset), DIR/<split>/<class>/* or "
                          "DIR/<class>/* (every image)")
@@ -136,9 +147,11 @@ def _run(args: argparse.Namespace) -> int:
     from cose.stages import common
 
     if args.quiet:
-        os.environ["COSE_QUIET"] = "1"
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's own INFO lines
+        runtime.set_quiet()
     common.setup_logging(args.log_level or ("WARNING" if args.quiet else None))
+    from cose import plugins
+
+    plugins.load()  # plugins/*.py and the cose.plugins entry points, before params are read
 
     if args.command == "data":
         from cose import data
@@ -252,41 +265,55 @@ def _ckpt_tag(path: str) -> str:
 def _evaluate(args: argparse.Namespace) -> int:
     """`cose evaluate`: load the model and the images, run cose.evaluate, print the table."""
     from cose import api, models, scoring
-    from cose.models import weights as W
+    from cose.models import external
     from cose.stages import common
 
-    if args.model not in models.names():
-        raise ConfigError(f"--model: unknown value {args.model!r}; allowed: "
-                          f"{', '.join(models.names())}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = "all" if methods == ["all"] else methods
     transforms = ([t.strip() for t in args.transforms.split(",") if t.strip()]
                   if args.transforms else None)
-    spec = models.preprocess(args.model)
+    registered = args.model in models.names()
+    spec = (models.preprocess(args.model) if registered
+            else models.PreprocessSpec(resize=args.size, crop=args.size))
     images, labels, ids, classes = api.load_folder(args.data, spec, split=args.split,
                                                    images=args.images, seed=args.seed)
-    ckpt = W.read_checkpoint(args.weights)
-    head = None
-    if W.is_cose_checkpoint(ckpt):
-        nc, head = int(ckpt["num_classes"]), ckpt.get("head")
-    else:
-        nc = len(classes)
-    if int(labels.max()) >= nc:
-        raise ValueError(f"--data: label {int(labels.max())} but the model has {nc} classes")
+    weights = external.read_weights(args.weights)
+    in_ckpt = external.checkpoint_classes(weights)
+    nc = args.num_classes or in_ckpt or len(classes)
+    if args.num_classes is not None and args.num_classes != len(classes):
+        raise ConfigError(f"--num-classes {args.num_classes}, but {args.data} has "
+                          f"{len(classes)} classes")
+    if in_ckpt is not None and in_ckpt != nc:
+        raise ConfigError(f"--weights {args.weights}: a {in_ckpt}-class checkpoint, but the model "
+                          f"is asked for {nc} classes")
+    if in_ckpt is not None and in_ckpt != len(classes):
+        raise ConfigError(f"--weights {args.weights}: a {in_ckpt}-class checkpoint, but "
+                          f"{args.data} has {len(classes)} classes")
+    builder = external.resolve(args.model, nc)
+    if weights is None and builder.kind != "torchscript":
+        print(f"cose: warning: --model {args.model} without --weights: a random-init model",
+              file=sys.stderr)
     dev = common.device()
 
-    def build(weights=None, seed=None):
-        return models.create(args.model, nc, weights=weights, seed=seed, head=head).to(dev)
+    def build(w=None, seed=None):
+        return builder.build(nc, weights=w, seed=seed).to(dev)
 
-    model = build(ckpt)
-    random_model = None if args.no_random_model else build(seed=args.seed + 1)
-    ckpts = {_ckpt_tag(p): build(str(p)) for p in args.checkpoint}
+    model = build(weights, seed=args.seed)
+    random_model = None
+    if not args.no_random_model:
+        if builder.can_randomize:
+            random_model = build(seed=args.seed + 1)
+        else:
+            print("cose: warning: a TorchScript model has no random-init twin: no random-model "
+                  "variant", file=sys.stderr)
+    ckpts = {_ckpt_tag(p): build(external.read_weights(str(p))) for p in args.checkpoint}
     kwargs = {"transforms": transforms} if transforms else {}
     result = api.evaluate(
-        model, images, labels, methods=methods, normalize=args.model, random_model=random_model,
+        model, images, labels, methods=methods,
+        normalize=args.model if registered else "imagenet", random_model=random_model,
         checkpoints=ckpts, magnitudes=args.magnitudes, seed=args.seed,
         settings=_settings(args.setting), batch_size=args.batch_size, ids=ids,
-        dataset=Path(args.data).resolve().name, model_name=args.model, **kwargs)
+        dataset=Path(args.data).resolve().name, model_name=builder.name, **kwargs)
     from cose import uncertainty
 
     table = result.intervals(bootstrap=args.bootstrap)
@@ -323,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line
     parser = build_parser()
     args = parser.parse_args(argv)
-    debug = bool(os.environ.get("COSE_DEBUG")) or (args.log_level or "").upper() == "DEBUG"
+    try:
+        debug = runtime.current().debug or (args.log_level or "").upper() == "DEBUG"
+    except ValueError as exc:  # a bad COSE_* value
+        print(f"cose: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return _run(args)
     except ConfigError as exc:

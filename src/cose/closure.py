@@ -23,7 +23,8 @@ SRC = Path(__file__).resolve().parent  # src/cose
 #: similarity, precision), which images and magnitudes (selection, stages.common, data), and
 #: the models (models); the stage driver and tracking are left out (they log, not compute)
 EXPLAIN_ROOTS: tuple[str, ...] = (
-    "cose.engine", "cose.selection", "cose.stages.common", "cose.models", "cose.data",
+    "cose.engine", "cose.runner", "cose.selection", "cose.stages.common", "cose.models",
+    "cose.data",
 )
 
 
@@ -64,8 +65,13 @@ def imports_of(path: Path) -> frozenset[str]:
                 mod = f"{base}.{node.module}" if node.module else base
             else:
                 mod = node.module or ""
-            found.add(mod)
-            found.update(f"{mod}.{a.name}" for a in node.names)  # submodules imported by name
+            # `from pkg import submodule` depends on the submodule; `from pkg import name`
+            # on pkg itself (closure() adds the packages above every module it reaches)
+            subs = {f"{mod}.{a.name}" for a in node.names}
+            subs = {m for m in subs if module_path(m) is not None}
+            found.update(subs)
+            if len(subs) < len(node.names):
+                found.add(mod)
     return frozenset(m for m in found if module_path(m) is not None)
 
 

@@ -344,12 +344,9 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
     if cfg.seed < 0:
         raise ConfigError(f"seed: got {cfg.seed!r}, expected >= 0")
     _check_names("methods", cfg.methods, spec.methods())
-    if check_registries:
-        from cose import data as data_registry
-        from cose import models as model_registry
-
-        _check_names("datasets", cfg.datasets, tuple(data_registry.names()))
-        _check_names("models", cfg.models, tuple(model_registry.names()))
+    if check_registries:  # the names, built-in and registered, are the spec's
+        _check_names("datasets", cfg.datasets, spec.datasets())
+        _check_names("models", cfg.models, spec.models())
     t = cfg.train  # its own ranges are checked when it is built (TrainConfig.check)
     for model, w in t.weights.items():
         if w is not None and not isinstance(w, str):
@@ -361,12 +358,9 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
     for model, over in t.per_model.items():
         if not isinstance(over, dict):
             raise ConfigError(f"train.per_model.{model}: got {over!r}, expected a mapping")
-        if check_registries:
-            from cose import models as model_registry
-
-            if model not in model_registry.names():
-                raise ConfigError(f"train.per_model.{model}: unknown model; allowed: "
-                                  f"{', '.join(model_registry.names())}")
+        if check_registries and model not in spec.models():
+            raise ConfigError(f"train.per_model.{model}: unknown model; allowed: "
+                              f"{', '.join(spec.models())}")
         t.for_model(model)  # the merged recipe's own checks
     e = cfg.explain
     _check_positive("explain.images", e.images)
@@ -442,10 +436,7 @@ def _check_selection(cfg: Config, check_registries: bool) -> None:
         raise ConfigError(f"explain.reference_models: {missing[0]!r} (in models) is missing; "
                           "list every model of the run in the official run's order")
     if check_registries and e.reference_models:
-        from cose import models as model_registry
-
-        _check_names("explain.reference_models", e.reference_models,
-                     tuple(model_registry.names()))
+        _check_names("explain.reference_models", e.reference_models, spec.models())
 
 
 # --------------------------------------------------------------------------- overrides

@@ -112,6 +112,144 @@ def _variant_batches(
         yield pieces, torch.cat(parts)
 
 
+@dataclass
+class Variant:
+    """One change of the original images: a transform at one magnitude per image, or another
+    model (random-init, a checkpoint, another seed) on the images as they are."""
+
+    name: str  # transform_type: a transform, "random", "mid_ckpt_<tag>" or "seed"
+    magnitudes: torch.Tensor  # [B] (zeros for a model variant)
+    model: nn.Module | None = None  # a model variant's model
+
+    @property
+    def geometric(self) -> bool:
+        return self.name in T.GEOMETRIC
+
+
+def build_variants(
+    transforms: tuple[str, ...],
+    magnitudes: int,
+    test_idx: list[int],
+    seed: int,
+    size: int,
+    device: torch.device,
+    draws: Mapping[str, torch.Tensor] | None = None,
+    models: list[tuple[str, nn.Module]] = (),
+) -> list[Variant]:
+    """The unit's variants in record order: each transform's drawn magnitudes (k per signed
+    transform, given in ``draws`` or from each image's own generator), then ``models``."""
+    B = len(test_idx)
+    out: list[Variant] = []
+    for name in transforms:
+        if draws is not None and name in T.SIGNED:
+            m = torch.as_tensor(draws[name], dtype=torch.float32).reshape(B, -1).to(device)
+        else:
+            m = draw_magnitudes(name, magnitudes, test_idx, seed, size).to(device)
+        out += [Variant(name, m[:, j]) for j in range(m.shape[1])]
+    zeros = torch.zeros(B, device=device)
+    return out + [Variant(tag, zeros, model) for tag, model in models]
+
+
+class _Scores:
+    """Per variant and image: the predicted class, SSIM and Spearman against the original
+    map, and the first ``keep`` images' maps (mapped back for geometric variants)."""
+
+    def __init__(self, variants: list[Variant], map0: torch.Tensor, keep: int) -> None:
+        self.variants, self.map0, self.keep = variants, map0, keep
+        B = map0.shape[0]
+        self.t_pred = torch.empty(len(variants), B, dtype=torch.long)
+        self.values = np.empty((2, len(variants), B), dtype=np.float64)  # SSIM, Spearman
+        self.samples: list[list[torch.Tensor]] = [[] for _ in variants]
+
+    def record(self, pieces: list[tuple[int, int, int]], maps: torch.Tensor,
+               preds: torch.Tensor) -> None:
+        """Pieces (v, lo, hi): images lo:hi of variant v, whose maps and predictions are the
+        rows of ``maps`` / ``preds`` in piece order."""
+        rows, off = [], 0
+        preds = preds.cpu()
+        for v, lo, hi in pieces:
+            var = self.variants[v]
+            m = maps[off : off + hi - lo]
+            if var.geometric:
+                m = T.invert(var.name, m, var.magnitudes[lo:hi])
+            rows.append((v, lo, hi, m))
+            self.t_pred[v, lo:hi] = preds[off : off + hi - lo]
+            if lo < self.keep:
+                self.samples[v].append(m[: min(hi, self.keep) - lo].float().cpu())
+            off += hi - lo
+        for masked in (False, True):  # geometric variants compare over the valid mask
+            group = [r for r in rows if self.variants[r[0]].geometric == masked]
+            if group:
+                self._similarity(group, masked)
+
+    def _similarity(self, group: list, masked: bool) -> None:
+        H, W = self.map0.shape[-2:]
+        a = torch.cat([self.map0[lo:hi] for _, lo, hi, _ in group])
+        b = torch.cat([m for *_, m in group])
+        mask = None
+        if masked:
+            mask = torch.cat([T.valid_mask(self.variants[v].name,
+                                           self.variants[v].magnitudes[lo:hi], H, W, a.device)
+                              for v, lo, hi, _ in group])
+        s = similarity.ssim(a, b, mask).double().cpu().numpy()
+        r = similarity.spearman(a, b, mask).double().cpu().numpy()
+        i = 0
+        for v, lo, hi, _ in group:
+            self.values[0, v, lo:hi] = s[i : i + hi - lo]
+            self.values[1, v, lo:hi] = r[i : i + hi - lo]
+            i += hi - lo
+
+
+def _pair_table(variants: list[Variant], scores: _Scores, test_idx: list[int],
+                labels: torch.Tensor, pred: torch.Tensor) -> pd.DataFrame:
+    """The records: unmasked variants (photometric, then model changes), then geometric."""
+    B = len(test_idx)
+    order = [v for v, var in enumerate(variants) if not var.geometric]
+    order += [v for v, var in enumerate(variants) if var.geometric]
+    mags = _magnitudes(variants, B)
+    cols: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
+    for v in order:
+        cols["test_idx"] += list(map(int, test_idx))
+        cols["target_class"] += labels.tolist()
+        cols["pred_class"] += pred.tolist()
+        cols["transform_type"] += [variants[v].name] * B
+        cols["transform_magnitude"] += mags[v].tolist()
+        cols["t_pred_class"] += scores.t_pred[v].tolist()
+        cols["ssim"] += scores.values[0, v].tolist()
+        cols["spearman"] += scores.values[1, v].tolist()
+    return pd.DataFrame(cols).astype(PAIR_DTYPES)
+
+
+PAIR_DTYPES = {"test_idx": "int64", "target_class": "int64", "pred_class": "int64",
+               "t_pred_class": "int64", "transform_magnitude": "float64", "ssim": "float64",
+               "spearman": "float64"}
+
+
+def _magnitudes(variants: list[Variant], B: int) -> torch.Tensor:
+    return torch.stack([v.magnitudes for v in variants]).cpu() if variants else torch.zeros(0, B)
+
+
+def _sample_arrays(variants: list[Variant], scores: _Scores, test_idx: list[int],
+                   images01: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor,
+                   map0: torch.Tensor) -> dict[str, np.ndarray]:
+    """The first ``keep`` images, their maps and every variant's (for the figures)."""
+    keep, (B, _, H, W) = scores.keep, images01.shape
+    if not keep:
+        return {}
+    return {
+        "test_idx": np.asarray(test_idx[:keep]),
+        "images": images01[:keep].float().cpu().numpy(),
+        "labels": labels[:keep].cpu().numpy(),
+        "pred": pred[:keep].cpu().numpy(),
+        "map": map0[:keep].float().cpu().numpy(),
+        "variant_names": np.asarray([v.name for v in variants]),
+        "variant_magnitudes": _magnitudes(variants, B)[:, :keep].numpy(),
+        "variant_maps": np.stack([torch.cat(s).numpy() for s in scores.samples])
+        if variants else np.zeros((0, keep, H, W), dtype=np.float32),
+        "variant_pred": scores.t_pred[:, :keep].numpy(),
+    }
+
+
 @P.flags("fp32")  # the maps' passes switch to the unit's precision inside
 def explain_unit(
     model: nn.Module,
@@ -145,15 +283,15 @@ def explain_unit(
     signed transform, ``[B, k]`` (``explain.selection: reference``); by default each image's
     come from its own seeded generator (:func:`draw_magnitudes`). ``noise_floor``: add the
     ``seed`` variant, the same image and model explained once more with another seed (the
-    method's own self-consistency: 1 for a deterministic method)."""
+    method's own self-consistency: 1 for a deterministic method).
+
+    The steps: predict and map the originals; build the variants; stream the transformed
+    ones through predict, map, invert and score; map the model variants on the originals;
+    assemble the table."""
     P.check(precision)
     settings = settings or {}
-    checkpoints = checkpoints or {}
     B, _, H, W = images01.shape
     dev = images01.device
-    keep = min(keep_samples, B)
-    x = normalize(images01)
-    pred = predict(model, x, batch_size)
 
     def maps(m: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, salt: int, first=0):
         """Saliency maps of `m` at the unit's precision (predictions stay fp32)."""
@@ -161,114 +299,33 @@ def explain_unit(
         with P.flags(precision):
             return _explain(method, run, inputs, targets, settings, batch_size, salt, first)
 
+    # the originals
+    x = normalize(images01)
+    pred = predict(model, x, batch_size)
     map0 = maps(model, x, pred, seed)
     labels = labels.to(dev)
 
-    # every variant: (type, magnitudes [B]); per variant and image: t_pred, SSIM, Spearman
-    variants: list[tuple[str, torch.Tensor]] = []
-    for name in transforms:
-        if draws is not None and name in T.SIGNED:
-            m = torch.as_tensor(draws[name], dtype=torch.float32).reshape(B, -1).to(dev)
-        else:
-            m = draw_magnitudes(name, magnitudes, test_idx, seed, W).to(dev)
-        variants += [(name, m[:, j]) for j in range(m.shape[1])]
+    # the variants: transforms, then other models (seed: another seed, same model and image)
     models_ = ([("random", random_model)] if random_model is not None else []) + list(
-        checkpoints.items()
-    ) + ([("seed", model)] if noise_floor else [])  # seed: another seed, same model and image
-    zeros = torch.zeros(B, device=dev)
-    variants += [(tag, zeros) for tag, _ in models_]
+        (checkpoints or {}).items()) + ([("seed", model)] if noise_floor else [])
+    variants = build_variants(transforms, magnitudes, test_idx, seed, W, dev, draws, models_)
     n_tf = len(variants) - len(models_)
-    geometric = [name in T.GEOMETRIC for name, _ in variants]
-    t_pred = torch.empty(len(variants), B, dtype=torch.long)
-    scores = np.empty((2, len(variants), B), dtype=np.float64)  # SSIM, Spearman
-    samples: list[list[torch.Tensor]] = [[] for _ in variants]
-
-    def score(pieces: list[tuple[int, int, int]], mv: torch.Tensor, tp: torch.Tensor) -> None:
-        """Record the pieces' predictions and their maps' similarity to the original's
-        (`mv`: their maps in piece order; geometric ones are mapped back here)."""
-        rows, off = [], 0
-        tp = tp.cpu()
-        for v, lo, hi in pieces:
-            m = mv[off : off + hi - lo]
-            if geometric[v]:
-                m = T.invert(variants[v][0], m, variants[v][1][lo:hi])
-            rows.append((v, lo, hi, m))
-            t_pred[v, lo:hi] = tp[off : off + hi - lo]
-            if lo < keep:
-                samples[v].append(m[: min(hi, keep) - lo].float().cpu())
-            off += hi - lo
-        for masked in (False, True):  # geometric variants compare over the valid mask
-            group = [r for r in rows if geometric[r[0]] == masked]
-            if not group:
-                continue
-            a = torch.cat([map0[lo:hi] for _, lo, hi, _ in group])
-            b = torch.cat([m for *_, m in group])
-            mask = None
-            if masked:
-                mask = torch.cat(
-                    [T.valid_mask(variants[v][0], variants[v][1][lo:hi], H, W, dev)
-                     for v, lo, hi, _ in group]
-                )  # fmt: skip
-            s = similarity.ssim(a, b, mask).double().cpu().numpy()
-            r = similarity.spearman(a, b, mask).double().cpu().numpy()
-            i = 0
-            for v, lo, hi, _ in group:
-                scores[0, v, lo:hi] = s[i : i + hi - lo]
-                scores[1, v, lo:hi] = r[i : i + hi - lo]
-                i += hi - lo
+    scores = _Scores(variants, map0, min(keep_samples, B))
 
     # transforms: the variants of all images stream through the model in batches
-    for k, (pieces, xb) in enumerate(_variant_batches(variants[:n_tf], images01, normalize,
-                                                      batch_size)):
+    stream = [(v.name, v.magnitudes) for v in variants[:n_tf]]
+    for k, (pieces, xb) in enumerate(_variant_batches(stream, images01, normalize, batch_size)):
         tp = predict(model, xb, batch_size)
         mb = maps(model, xb, tp, seed + 1, first=k)
         del xb  # the batch's images are not needed for scoring
-        score(pieces, mb, tp)
+        scores.record(pieces, mb, tp)
 
     # model changes on the original images
-    for k, (_, vmodel) in enumerate(models_):
-        tp = predict(vmodel, x, batch_size)
-        score([(n_tf + k, 0, B)], maps(vmodel, x, tp, seed + 2 + k), tp)
+    for k, var in enumerate(variants[n_tf:]):
+        tp = predict(var.model, x, batch_size)
+        scores.record([(n_tf + k, 0, B)], maps(var.model, x, tp, seed + 2 + k), tp)
 
-    # records: unmasked variants (photometric, then model changes), then the geometric ones
-    order = [v for v in range(len(variants)) if not geometric[v]]
-    order += [v for v in range(len(variants)) if geometric[v]]
-    mags_cpu = torch.stack([m for _, m in variants]).cpu() if variants else torch.zeros(0, B)
-    cols: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
-    for v in order:
-        cols["test_idx"] += list(map(int, test_idx))
-        cols["target_class"] += labels.tolist()
-        cols["pred_class"] += pred.tolist()
-        cols["transform_type"] += [variants[v][0]] * B
-        cols["transform_magnitude"] += mags_cpu[v].tolist()
-        cols["t_pred_class"] += t_pred[v].tolist()
-        cols["ssim"] += scores[0, v].tolist()
-        cols["spearman"] += scores[1, v].tolist()
-
-    pairs = pd.DataFrame(cols)
-    pairs = pairs.astype(
-        {
-            "test_idx": "int64",
-            "target_class": "int64",
-            "pred_class": "int64",
-            "t_pred_class": "int64",
-            "transform_magnitude": "float64",
-            "ssim": "float64",
-            "spearman": "float64",
-        }
+    return UnitResult(
+        pairs=_pair_table(variants, scores, test_idx, labels, pred),
+        samples=_sample_arrays(variants, scores, test_idx, images01, labels, pred, map0),
     )
-    out: dict[str, np.ndarray] = {}
-    if keep:
-        out = {
-            "test_idx": np.asarray(test_idx[:keep]),
-            "images": images01[:keep].float().cpu().numpy(),
-            "labels": labels[:keep].cpu().numpy(),
-            "pred": pred[:keep].cpu().numpy(),
-            "map": map0[:keep].float().cpu().numpy(),
-            "variant_names": np.asarray([name for name, _ in variants]),
-            "variant_magnitudes": mags_cpu[:, :keep].numpy(),
-            "variant_maps": np.stack([torch.cat(s).numpy() for s in samples])
-            if variants else np.zeros((0, keep, H, W), dtype=np.float32),
-            "variant_pred": t_pred[:, :keep].numpy(),
-        }
-    return UnitResult(pairs=pairs, samples=out)

@@ -67,12 +67,33 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def atomic_torch_save(obj: object, path: str | Path) -> Path:
+    """``torch.save`` through :func:`atomic_path`. Written through a file object, so the
+    archive's inner folder is always ``archive/`` (saved to a file name, torch names it after
+    the temporary file): the same object gives the same bytes, and a retrained model that
+    came out bit-identical keeps every explain shard and DVC cache entry."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return Path(path)
+
+
+def file_digest(path: str | Path, algo: str = "sha256", chunk: int = 1 << 20) -> str:
+    """The hex digest of a file's bytes (``algo``: any :func:`hashlib.new` name), read in
+    chunks: the project's one file checksum."""
+    h = hashlib.new(algo)
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    return file_digest(path, "sha256")
 
 
 _DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}

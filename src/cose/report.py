@@ -118,13 +118,13 @@ def _display(method: str) -> str:
 def architecture_family(model: str) -> str:
     """``CNN`` or ``Transformer`` (the paper's grouping) for a registry model name; names not
     in the registry are guessed from their spelling (``vit``/``swin``/... -> Transformer)."""
-    family = None
+    family = spec.model_family(model)
     try:
         from cose import models
 
-        family = models.get(model).family
+        family = family or models.get(model).family
     except Exception:  # noqa: BLE001 - unknown name (or no torch): guess from the name
-        family = None
+        pass
     key = re.sub(r"[^a-z0-9]", "", str(family or model).lower())
     if any(k in key for k in _TRANSFORMER_KEYS):
         return "Transformer"

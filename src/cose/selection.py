@@ -45,6 +45,16 @@ OFFICIAL_MODELS: tuple[str, ...] = (
 STREAM_CONSUMERS: frozenset[str] = frozenset({"smoothgrad", "lime"})
 
 
+def shared_subset(n: int, k: int | None, seed: int) -> tuple[int, ...]:
+    """The first ``k`` of a seeded permutation of ``range(n)`` (all ``n`` for None): the
+    ``shared`` rule's test images, ``cose evaluate --images``'s and ``train.max_train_images``'
+    subset. ``torch.randperm`` with a generator seeded by ``seed``."""
+    import torch
+
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return tuple(order[:k].tolist() if k is not None else order.tolist())
+
+
 @dataclass(frozen=True)
 class Selection:
     """The images of one (dataset, model, method): test-split indices in explain order and,

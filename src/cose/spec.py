@@ -305,6 +305,36 @@ def head_widths(head: Any) -> tuple[int, ...]:
                      "mlp-<width>[-<width>...], e.g. mlp-1024")
 
 
+# --------------------------------------------------------------------------- datasets, models
+
+#: the built-in datasets (cose.data.sources.SOURCES implements them) and models
+#: (cose.models.registry.REGISTRY), in their registries' order; a test keeps them equal
+BUILTIN_DATASETS: tuple[str, ...] = (
+    "digits", "cifar10", "caltech101", "cub200", "eurosat", "oxford102", "imagefolder")
+BUILTIN_MODELS: tuple[str, ...] = (
+    "resnet50", "resnet101", "vit_b16", "vit_l16", "swin_t", "convnext_s", "vgg16",
+    "densenet121", "dino_resnet50", "dino_vit_b16", "mocov3_resnet50", "mocov3_vit_b16",
+    "ibot_vit_b16", "ibot_swin_t", "spark_convnext_s", "demo_resnet", "demo_vit",
+    "demo_convnext", "demo_swin")
+_DATASETS: dict[str, None] = dict.fromkeys(BUILTIN_DATASETS)
+_MODEL_NAMES: dict[str, None] = dict.fromkeys(BUILTIN_MODELS)
+
+
+def datasets() -> tuple[str, ...]:
+    """Every dataset name params may use: the built-ins, then registered ones."""
+    return tuple(_DATASETS)
+
+
+def models() -> tuple[str, ...]:
+    """Every model name params may use: the built-ins, then registered ones."""
+    return tuple(_MODEL_NAMES)
+
+
+def register_dataset(name: str) -> None:
+    """A registered dataset's name (cose.data.register)."""
+    _DATASETS[name] = None
+
+
 # --------------------------------------------------------------------------- display names
 
 _DATASET_DISPLAY = {
@@ -347,6 +377,23 @@ _MODEL_KEYS.update({_key(a): n for a, n in (
     ("convnext", "convnext_s"), ("convnext_small", "convnext_s"), ("swin", "swin_t"),
     ("vit", "vit_b16"), ("vit_b_16", "vit_b16"), ("ViT-B/16", "vit_b16"),
     ("ConvNext-S", "convnext_s"))})
+
+
+_FAMILIES: dict[str, str] = {}
+
+
+def register_model(name: str, display: str, family: str = "cnn") -> None:
+    """A registered model's name, display name and architecture family
+    (cose.models.register)."""
+    _MODEL_NAMES[name] = None
+    _MODELS[name] = (display, None)
+    _MODEL_KEYS[_key(name)] = name
+    _FAMILIES[name] = family
+
+
+def model_family(name: Any) -> str | None:
+    """The family a registered model was given (cnn / transformer), else None."""
+    return _FAMILIES.get(str(name))
 
 
 def canonical_model(name: Any) -> str | None:

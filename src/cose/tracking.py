@@ -41,7 +41,9 @@ class TrackingError(RuntimeError):
 
 
 def project_root() -> Path:
-    return Path(os.environ.get("COSE_PROJECT_ROOT", Path.cwd())).resolve()
+    from cose import runtime
+
+    return runtime.current().root()
 
 
 def tracking_uri(root: Path | None = None) -> str:

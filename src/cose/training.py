@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 # the recipe's parameters live in cose.config (one TrainConfig for params and this module)
 from cose.config import AUGMENTS, CLIP_MODES, OPTIMIZERS, PLATEAU_METRICS, TrainConfig
+from cose.io import atomic_torch_save
 from cose.models import cose_checkpoint, head_module
 
 log = logging.getLogger("cose.training")
@@ -48,18 +49,7 @@ __all__ = ["AUGMENTS", "CLIP_MODES", "OPTIMIZERS", "PLATEAU_METRICS", "TrainConf
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+atomic_save = atomic_torch_save  # the one atomic write (cose.io)
 
 
 def save_weights(model: nn.Module, path: str | Path, **extra: Any) -> Path:

@@ -6,7 +6,6 @@ does not invalidate DVC's cache.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -22,7 +21,9 @@ class Executor(Protocol):
 
 
 def get(name: str | None = None) -> Executor:
-    name = name or os.environ.get("COSE_BACKEND") or "local"
+    from cose import runtime
+
+    name = name or runtime.current().backend
     if name == "local":
         from cose.backends.local import LocalExecutor
 

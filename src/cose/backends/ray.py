@@ -18,24 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-
-def _positive_int(name: str) -> int | None:
-    """The integer in environment variable `name` (None when unset); >= 1 or a clear error."""
-    raw = os.environ.get(name)
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"{name}: got {raw!r}, expected an integer >= 1")
-    return value
-
-
-def _worker_env() -> dict[str, str]:
-    """The driver's COSE_* settings (device, log level, ...), for actors on any node."""
-    return {k: v for k, v in os.environ.items() if k.startswith("COSE_")}
+from cose import runtime
 
 
 class RayExecutor:
@@ -48,8 +31,7 @@ class RayExecutor:
             raise RuntimeError(
                 "backend 'ray' needs Ray: pip install -e '.[ray]'"
             ) from exc
-        self.workers = workers or _positive_int("COSE_RAY_WORKERS")
-        _positive_int("COSE_RAY_THREADS")  # fail early on a bad value
+        self.workers = workers or runtime.current().ray_workers  # a bad value fails here
         self._started = False
 
     def _init(self) -> None:
@@ -61,7 +43,7 @@ class RayExecutor:
         if address:
             ray.init(address=address, log_to_driver=False)
             return
-        ray.init(num_cpus=_positive_int("COSE_RAY_CPUS"), include_dashboard=False,
+        ray.init(num_cpus=runtime.current().ray_cpus, include_dashboard=False,
                  log_to_driver=False, _node_ip_address="127.0.0.1")
         self._started = True
 
@@ -74,15 +56,16 @@ class RayExecutor:
 
         self._init()
         resources = ray.cluster_resources()
-        use_gpu = not os.environ.get("COSE_DEVICE", "").startswith("cpu")
+        rt = runtime.current()
+        use_gpu = not (rt.device or "").startswith("cpu")
         gpus = int(resources.get("GPU", 0)) if use_gpu else 0
         cpus = max(1, int(resources.get("CPU", 1)))
         slots = gpus if gpus else cpus
         n = max(1, min(self.workers or slots, slots, len(units)))
         root = str(Path.cwd().resolve())
         share = max(1, cpus // n)  # CPUs each actor reserves (without GPUs)
-        threads = _positive_int("COSE_RAY_THREADS") or share
-        env = _worker_env()
+        threads = rt.ray_threads or share
+        env = runtime.worker_env()  # the driver's COSE_* settings, for actors on any node
         if gpus and env.get("COSE_DEVICE", "").startswith("cuda:"):
             env["COSE_DEVICE"] = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
 

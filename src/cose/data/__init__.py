@@ -41,6 +41,7 @@ __all__ = [
     "open_rgb",
     "read_classes",
     "read_rows",
+    "register",
     "sha256_file",
     "split_rows",
     "split_size",
@@ -50,6 +51,35 @@ __all__ = [
 def names() -> list[str]:
     """Registered dataset names."""
     return list(SOURCES)
+
+
+def register(name: str, source, *, description: str = "", replace: bool = False) -> None:
+    """Add a dataset of your own: ``source`` is a folder of images (``DIR/<class>/*``, or
+    ``DIR/<split>/<class>/*`` with train/val/test; an 80/20 seeded split otherwise) or a
+    :class:`cose.data.sources.Source` (its ``prepare(raw, out)`` writes the images, the
+    manifest and classes.txt). ``cose data fetch NAME`` then builds ``data/NAME``, and the
+    name is accepted everywhere a built-in dataset is."""
+    from .sources import Source, prepare_imagefolder
+
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"dataset name {name!r}: use letters, digits and _ (it names folders)")
+    if name in SOURCES and not replace:
+        raise ValueError(f"dataset {name!r} is already registered")
+    from cose import spec
+
+    spec.register_dataset(name)
+    if isinstance(source, Source):
+        SOURCES[name] = lambda: source
+        return
+    folder = Path(source).expanduser()
+
+    def prepare(raw: Path, out: Path, _folder: Path = folder) -> None:
+        if not _folder.is_dir():
+            raise FileNotFoundError(f"dataset {name!r}: image folder {_folder} does not exist")
+        prepare_imagefolder(_folder, out)
+
+    SOURCES[name] = lambda: Source(name, description or f"images from {folder}", prepare,
+                                   local=True)
 
 
 def _check_name(name: str) -> None:
@@ -94,6 +124,10 @@ def fetch(
     if (target / MANIFEST).is_file() and not force:
         return target
     src = SOURCES[name]()
+    if src.local:  # a registered image folder: nothing to download
+        with building(target, force=True) as out:
+            src.prepare(Path(source) if source is not None else target, out)
+        return target
     if name == "imagefolder":
         if source is None:
             raise ValueError("imagefolder needs source=DIR (DIR/<class>/* or DIR/<split>/<class>/*)")

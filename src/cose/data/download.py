@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import tarfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from cose.io import atomic_path, file_digest
 
 
 class ChecksumError(ValueError):
@@ -29,14 +29,6 @@ class Resource:
     checksum: str
 
 
-def file_digest(path: str | Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify(path: str | Path, checksum: str) -> None:
     """Raise ChecksumError unless ``path`` has ``checksum`` (``algo:hex``)."""
     algo, _, expected = checksum.partition(":")
@@ -48,7 +40,7 @@ def verify(path: str | Path, checksum: str) -> None:
 
 
 def download(url: str, dest: str | Path, checksum: str, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` (via ``dest.part``), verify ``checksum``; an existing
+    """Download ``url`` to ``dest`` (via a temporary file beside it), verify ``checksum``; an existing
     ``dest`` with the right checksum is reused. A mismatch deletes the download."""
     dest = Path(dest)
     if dest.exists():
@@ -57,17 +49,11 @@ def download(url: str, dest: str | Path, checksum: str, timeout: float = 60.0) -
             return dest
         except ChecksumError:
             dest.unlink()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
     req = urllib.request.Request(url, headers={"User-Agent": "cose-data-fetch"})
-    try:
+    with atomic_path(dest) as part:  # renamed into place only once verified
         with urllib.request.urlopen(req, timeout=timeout) as r, open(part, "wb") as f:
             shutil.copyfileobj(r, f, 1 << 20)
         verify(part, checksum)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    os.replace(part, dest)
     return dest
 
 

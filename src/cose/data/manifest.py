@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from PIL import Image
 
-from .download import file_digest
+from cose.io import sha256_file
 
 MANIFEST = "manifest.csv"
 CLASSES = "classes.txt"
@@ -32,10 +32,6 @@ class Row:
     path: str  # POSIX path relative to the dataset folder
     label: int
     split: str
-
-
-def sha256_file(path: str | Path) -> str:
-    return file_digest(path, "sha256")
 
 
 def image_info(path: str | Path) -> tuple[int, int, str]:

@@ -32,6 +32,7 @@ class Source:
     prepare: Callable[[Path, Path], None]  # (raw download folder, output folder)
     resources: tuple[Resource, ...] = field(default_factory=tuple)
     splits: tuple[str, ...] = ("train", "test")
+    local: bool = False  # prepared from a local folder (a registered dataset): no download
 
 
 def _extract_fresh(archive: Path, work: Path) -> Path:

@@ -8,16 +8,20 @@ the layer GradCAM hooks (and the reshape of token activations to ``[B,C,h,w]``).
 from cose.data.image import PreprocessSpec
 from cose.spec import HEADS
 
+from .builder import create, load_checkpoint, load_checkpoints
 from .cam import NHWCToNCHW, TokenReshape, cam_layer
 from .heads import MLPHead, head_module, set_head
-from .registry import DEMO_MODELS, REGISTRY, ModelSpec, create, get, names, normalize, preprocess
-from .weights import (
-    cose_checkpoint,
-    load_checkpoint,
-    load_checkpoints,
-    load_pretrained,
-    read_checkpoint,
+from .registry import (
+    DEMO_MODELS,
+    REGISTRY,
+    ModelSpec,
+    get,
+    names,
+    normalize,
+    preprocess,
+    register,
 )
+from .weights import cose_checkpoint, load_pretrained, read_checkpoint
 
 __all__ = [
     "DEMO_MODELS",
@@ -40,5 +44,6 @@ __all__ = [
     "normalize",
     "preprocess",
     "read_checkpoint",
+    "register",
     "set_head",
 ]

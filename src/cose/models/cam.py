@@ -61,6 +61,10 @@ def cam_layer(model: nn.Module) -> tuple[nn.Module, Reshape | None]:
     import torchvision.models as tvm
 
     model = _unwrap(model)
+    registered = getattr(model, "cose_cam_layer", None)
+    if registered:  # a registered model's own choice (cose.models.register(cam_layer=...))
+        name, reshape = registered
+        return model.get_submodule(name), reshape
     if isinstance(model, (tm.ResNet, tvm.ResNet)):
         return model.layer4[-1], None
     if isinstance(model, tm.VisionTransformer):

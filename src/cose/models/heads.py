@@ -30,13 +30,17 @@ class MLPHead(nn.Sequential):
 
 
 def classifier_path(model: nn.Module) -> str:
-    """Dotted path of the model's final classifier module (timm's ``pretrained_cfg``)."""
+    """Dotted path of the model's final classifier module (a registered model's
+    ``classifier``, else timm's ``pretrained_cfg``)."""
+    if getattr(model, "cose_classifier", None):
+        return model.cose_classifier
     cfg = getattr(model, "pretrained_cfg", None) or {}
     path = cfg.get("classifier")
     if isinstance(path, (list, tuple)):
         path = path[0]
     if not path:
-        raise ValueError(f"cannot locate the classifier of {type(model).__name__}")
+        raise ValueError(f"cannot locate the classifier of {type(model).__name__}; register "
+                         "the model with classifier='<dotted name of its last layer>'")
     return path
 
 

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from cose.data.image import PreprocessSpec
-
-from .heads import head_widths, set_head
 
 
 @dataclass(frozen=True)
@@ -30,6 +25,12 @@ class ModelSpec:
     pretraining: str = "supervised"  # supervised | dino | mocov3 | ibot | spark | none
     hub: str | None = None  # timm hub tag for weights="hub"
     description: str = ""
+    # a registered (plugin) model: factory(num_classes) -> nn.Module instead of timm; its CAM
+    # layer (a dotted module name) and the reshape of that layer's output, its classifier
+    factory: Any = None
+    cam_layer: str | None = None
+    cam_reshape: Any = None
+    classifier: str | None = None
 
 
 _RESNET = PreprocessSpec(resize=224, crop=224, interpolation="bilinear")
@@ -102,6 +103,45 @@ def names() -> list[str]:
     return list(REGISTRY)
 
 
+def register(
+    name: str,
+    factory,
+    *,
+    preprocess: PreprocessSpec | int = 224,
+    cam_layer: str | None = None,
+    cam_reshape=None,
+    classifier: str | None = None,
+    family: str = "cnn",
+    display: str | None = None,
+    description: str = "",
+    replace: bool = False,
+) -> ModelSpec:
+    """Add a model of your own: ``factory(num_classes) -> nn.Module`` (random init; weights
+    come from ``create(..., weights=)``). ``preprocess``: its input pipeline (a
+    :class:`PreprocessSpec`, or an int: resize and centre-crop to that side, ImageNet
+    statistics); ``cam_layer``: the dotted name of the layer GradCAM hooks (e.g.
+    ``"features.4"``), ``cam_reshape`` its output to ``[B,C,h,w]`` for token models;
+    ``classifier``: the dotted name of its last layer (needed for ``train.freeze_backbone``
+    and other heads); ``family``: cnn or transformer (the report's grouping). The name is
+    then accepted everywhere a built-in one is (params, ``cose evaluate``, tables)."""
+    from cose import spec as names_spec
+
+    if not callable(factory):
+        raise ValueError(f"model {name!r}: factory must be callable, got {type(factory).__name__}")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"model name {name!r}: use letters, digits and _ (it names folders)")
+    if name in REGISTRY and not replace:
+        raise ValueError(f"model {name!r} is already registered")
+    if isinstance(preprocess, int):
+        preprocess = PreprocessSpec(resize=preprocess, crop=preprocess)
+    spec = ModelSpec(name, name, family, name, preprocess, pretraining="none",
+                     description=description, factory=factory, cam_layer=cam_layer,
+                     cam_reshape=cam_reshape, classifier=classifier)
+    REGISTRY[name] = spec
+    names_spec.register_model(name, display or name, family)
+    return spec
+
+
 def get(name: str) -> ModelSpec:
     """The registry entry of ``name``; ValueError naming the allowed names otherwise."""
     try:
@@ -122,85 +162,3 @@ def normalize(images01: torch.Tensor, name_or_spec: str | PreprocessSpec) -> tor
     mean = torch.as_tensor(spec.mean, dtype=images01.dtype, device=images01.device).view(shape)
     std = torch.as_tensor(spec.std, dtype=images01.dtype, device=images01.device).view(shape)
     return (images01 - mean) / std
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _build(spec: ModelSpec, num_classes: int, head: str, pretrained_tag: str | None) -> nn.Module:
-    import timm
-
-    kwargs = dict(spec.kwargs)
-    if pretrained_tag is None:
-        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
-    else:
-        try:
-            model = timm.create_model(pretrained_tag, pretrained=True, num_classes=num_classes, **kwargs)
-        except Exception as e:  # noqa: BLE001 - network, hub or tag errors all end here
-            raise RuntimeError(
-                f"could not load timm hub weights {pretrained_tag!r} for {spec.name} "
-                f"(offline? pass a local checkpoint file instead): {e}"
-            ) from e
-    if head != "linear":
-        set_head(model, head, num_classes)
-    return model
-
-
-def create(
-    name: str,
-    num_classes: int,
-    weights: str | Path | Mapping[str, Any] | None = None,
-    seed: int | None = None,
-    head: str | None = None,
-) -> nn.Module:
-    """Build ``name`` with a ``head`` (``linear`` default, ``mlp`` 1024-256-C, ``mlp-<w>...``)
-    for ``num_classes``.
-
-    ``weights``: None (random init, deterministic given ``seed``); a local checkpoint file (or
-    an already loaded dict) in a published layout (timm / torchvision, DINO, MoCo v3, iBOT,
-    SparK, ConvNeXt) or a COSE training checkpoint; "hub" (the entry's timm tag) or
-    "hub:<timm tag>" when online. The model is returned in eval mode on the CPU.
-    """
-    from . import weights as W
-
-    spec = get(name)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if head is not None:
-        head_widths(head)  # ValueError naming the allowed heads
-
-    tag = None
-    ckpt = None
-    source = "<state dict>"
-    if isinstance(weights, str) and (weights == "hub" or weights.startswith("hub:")):
-        tag = spec.hub if weights == "hub" else weights[4:]
-        if not tag:
-            raise ValueError(f"{name} has no timm hub tag; pass a local checkpoint file")
-    elif isinstance(weights, (str, Path)):
-        source = str(weights)
-        ckpt = W.read_checkpoint(weights)
-    elif isinstance(weights, Mapping):
-        ckpt = weights
-    elif weights is not None:
-        raise TypeError(f"weights must be None, a path, 'hub[:tag]' or a dict, got {type(weights)}")
-
-    if ckpt is not None and W.is_cose_checkpoint(ckpt):
-        head = W.check_cose_checkpoint(ckpt, spec, num_classes, head, source)
-    head = head or "linear"
-
-    with _seeded(seed):
-        model = _build(spec, num_classes, head, tag)
-    if ckpt is not None:
-        if W.is_cose_checkpoint(ckpt):
-            model.load_state_dict(ckpt["state_dict"])
-        else:
-            W.load_pretrained(model, ckpt, spec, source)
-    model.cose_meta = {"model": name, "arch": spec.arch, "num_classes": num_classes, "head": head}
-    return model.eval()

@@ -20,9 +20,8 @@ and head; it must match the requested model exactly.
 
 from __future__ import annotations
 
-import copy
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,70 +101,6 @@ def check_cose_checkpoint(
     if head is not None and ckpt.get("head") != head:
         raise ValueError(f"{source}: checkpoint has head {ckpt.get('head')!r}, asked for {head!r}")
     return ckpt["head"]
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model of a COSE checkpoint file (name, classes and head from its metadata)."""
-    from .registry import create
-
-    ckpt = read_checkpoint(path)
-    if not is_cose_checkpoint(ckpt):
-        raise ValueError(f"{path}: not a COSE checkpoint (no format={COSE_FORMAT!r})")
-    model = create(ckpt["model"], ckpt["num_classes"], weights=ckpt, head=ckpt["head"])
-    return model.to(map_location)
-
-
-def load_checkpoints(
-    name: str, num_classes: int, paths: Sequence[str | Path]
-) -> list[nn.Module]:
-    """``[create(name, num_classes, weights=p) for p in paths]`` for COSE checkpoints (a run's
-    final, random-init and epoch checkpoints), faster: same models, same checks, on the CPU.
-
-    The architecture is built and initialised once, for the first file. The other models are
-    copies of it whose parameters and persistent buffers are their checkpoint's own tensors,
-    assigned without an init or a copy; the non-persistent buffers (e.g. Swin's relative
-    position index), which no checkpoint holds, are copied from the first. For ViT-L/16 that is
-    about 0.5 s a checkpoint instead of 4 s. Every file must be a COSE checkpoint with the
-    first's architecture, class count and head.
-    """
-    from .registry import create, get
-
-    if not paths:
-        return []
-    spec = get(name)
-    out: list[nn.Module] = []
-    for path in paths:
-        ckpt = read_checkpoint(path)
-        if not is_cose_checkpoint(ckpt):
-            raise ValueError(f"{path}: not a COSE checkpoint (no format={COSE_FORMAT!r})")
-        head = out[0].cose_meta["head"] if out else None
-        check_cose_checkpoint(ckpt, spec, num_classes, head, str(path))
-        if not out:
-            out.append(create(name, num_classes, weights=ckpt))
-            dtypes = {k: v.dtype for k, v in out[0].state_dict().items()}
-            continue
-        # as load_state_dict's copy would: tensors take the model's dtypes (a no-op for fp32)
-        state = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in ckpt["state_dict"].items()}
-        model = _shell(out[0])
-        model.load_state_dict(state, assign=True)
-        model.cose_meta = dict(out[0].cose_meta)
-        out.append(model.eval())
-    return out
-
-
-def _shell(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` whose parameters and persistent buffers are empty meta tensors
-    of the same shapes (to be assigned from a state dict); everything else is copied."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"),
-                                           requires_grad=p.requires_grad)
-        for name, b in module._buffers.items():
-            if b is not None and name not in module._non_persistent_buffers_set:
-                memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
 
 
 def _is_state_dict(obj: Any) -> bool:

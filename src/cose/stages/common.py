@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import sys
 from pathlib import Path
 
 import torch
 
+from cose import runtime
 from cose.config import Config, ConfigError
 
 log = logging.getLogger("cose")
@@ -26,12 +25,7 @@ def output_lock(name: str, what: str):
     ``COSE_LOCK_WAIT`` seconds (default 0), then stops with one line naming the holder."""
     from cose.io import exclusive
 
-    raw = os.environ.get("COSE_LOCK_WAIT", "0").strip() or "0"
-    try:
-        wait = float(raw)
-    except ValueError:
-        raise ConfigError(f"COSE_LOCK_WAIT: got {raw!r}, expected seconds") from None
-    return exclusive(LOCKS / f"{name}.lock", what, wait)
+    return exclusive(LOCKS / f"{name}.lock", what, runtime.current().lock_wait)
 
 
 def ckpt_dir(dataset: str, model: str) -> Path:
@@ -43,9 +37,7 @@ def explain_dir(dataset: str, model: str, method: str) -> Path:
 
 
 def quiet() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or bool(
-        os.environ.get("COSE_QUIET")
-    ) or not sys.stderr.isatty()
+    return runtime.current().quiet
 
 
 def data_dir(cfg: Config, dataset: str) -> Path:
@@ -75,12 +67,11 @@ def selection(cfg: Config, dataset: str, model: str, method: str):
 def _selection(root: str, dataset: str, model: str, rule: str, images: int, seed: int,
                count: int, order: tuple[str, ...]):
     from cose import data, models
-    from cose.selection import Selection, reference_stream
+    from cose.selection import Selection, reference_stream, shared_subset
 
     n = data.split_size(dataset, root, "test")
     if rule == "shared":
-        g = torch.Generator().manual_seed(seed)
-        return Selection(tuple(torch.randperm(n, generator=g)[:images].tolist()))
+        return Selection(shared_subset(n, images, seed))
     size = models.preprocess(model).crop
     return reference_stream(n, order, images, count=count, seed=seed, size=size)[model]
 
@@ -129,14 +120,11 @@ def explain_subset(cfg: Config, dataset: str, model: str) -> tuple[torch.Tensor,
 
 def device() -> torch.device:
     """`COSE_DEVICE` (cpu, cuda, cuda:N), else CUDA when present: an env choice, not a param."""
-    name = os.environ.get("COSE_DEVICE")
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return runtime.current().torch_device()
 
 
 def setup_logging(level: str | None = None) -> None:
-    level = (level or os.environ.get("COSE_LOG_LEVEL") or "INFO").upper()
+    level = (level or runtime.current().log_level).upper()
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cose import closure, precision, spec
+from cose import closure, engine, models, precision, runner, runtime, saliency
 from cose.config import Config, from_dict
 from cose.io import (
     atomic_write_bytes,
@@ -107,6 +107,7 @@ def plan(cfg: Config) -> list[Unit]:
     for dataset in cfg.datasets:
         for model in cfg.models:
             ckpt = checkpoint_hash(dataset, model)
+            model_code = _plugin_code(models.get(model).factory)
             sels = {m: common.selection(cfg, dataset, model, m) for m in cfg.methods}
             # the bytes each unit reads: its images' checksums (checked against the files)
             digests = common.image_digests(
@@ -114,6 +115,8 @@ def plan(cfg: Config) -> list[Unit]:
             for method in cfg.methods:
                 sel = sels[method]
                 settings = cfg.explain.settings.get(method, {})
+                # a plugin method's or model's own source (its edit recomputes its units only)
+                plugin = _plugin_code(saliency.get(method).fn) + model_code
                 for shard in range(math.ceil(len(sel) / cfg.explain.shard_size)):
                     start = shard * cfg.explain.shard_size
                     stop = min(start + cfg.explain.shard_size, len(sel))
@@ -122,13 +125,25 @@ def plan(cfg: Config) -> list[Unit]:
                          "model": model, "method": method, "settings": settings,
                          "images": [[i, *digests[i]] for i in sel.test_idx[start:stop]],
                          "draws": {t: d[start:stop].tolist() for t, d in sel.draws.items()},
-                         "code": code, "ckpt": ckpt,
+                         "code": code, "plugin": plugin, "ckpt": ckpt,
                          "save_epochs": cfg.train_for(model).save_epochs},
                         sort_keys=True, default=str,
                     )
                     fp = hashlib.sha256(blob.encode()).hexdigest()[:20]
                     units.append(Unit(dataset, model, method, shard, start, stop, fp))
     return units
+
+
+def _plugin_code(*objects) -> str:
+    """sha256 of the plugin files (outside cose) that define ``objects``; '' for built-ins."""
+    from cose.plugins import source_files
+
+    h = hashlib.sha256()
+    files = source_files(*objects)
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16] if files else ""
 
 
 def shard_ok(unit: Unit) -> bool:
@@ -149,15 +164,6 @@ def shard_ok(unit: Unit) -> bool:
 
 # --------------------------------------------------------------------------- unit compute
 
-_CONTEXT: dict[tuple, dict[str, Any]] = {}
-_LOADS = 0  # context loads (data + models) in this process: once per worker and model
-_PREFETCHED = 0  # of these, loads done in the background while the previous one computed
-# The next (dataset, model)'s data and models, being loaded on the host by a background thread
-# while this one computes: {(dataset, model): Future[(key, host context)]}, one entry at most.
-_PREFETCH: dict[tuple[str, str], Future] = {}
-_PREFETCHER: ThreadPoolExecutor | None = None
-
-
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """`np.savez_compressed` without the wall-clock timestamps: same arrays, same bytes."""
     buf = io.BytesIO()
@@ -174,17 +180,11 @@ def prefetch_enabled(dev: torch.device) -> bool:
     """`COSE_PREFETCH`: 1 loads the next (dataset, model) in the background while this one
     computes, 0 never; unset or auto: on a GPU only (on the CPU the load would take cores
     from the compute). An env choice like the backend: it changes no result."""
-    raw = os.environ.get("COSE_PREFETCH", "").strip().lower()
-    if raw in ("", "auto"):
-        return dev.type == "cuda"
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"COSE_PREFETCH: got {raw!r}, expected 1, 0 or auto")
+    return runtime.current().prefetch_on(dev.type)
 
 
 def _context_key(cfg: Config, dataset: str, model: str) -> tuple:
+    """What a loaded (dataset, model) depends on: code, checkpoint bytes, the images."""
     e = cfg.explain
     images = tuple(common.selection(cfg, dataset, model, m).test_idx for m in cfg.methods)
     return (dataset, model, closure.code_hash(), checkpoint_hash(dataset, model), cfg.data.root,
@@ -193,8 +193,6 @@ def _context_key(cfg: Config, dataset: str, model: str) -> tuple:
 
 def _load_host(cfg: Config, dataset: str, model: str) -> tuple[tuple, dict[str, Any]]:
     """Key, then images, labels and every model of a (dataset, model), on the CPU."""
-    from cose import models
-
     key = _context_key(cfg, dataset, model)
     images, labels, test_idx = common.explain_subset(cfg, dataset, model)
     d = common.ckpt_dir(dataset, model)
@@ -208,67 +206,106 @@ def _load_host(cfg: Config, dataset: str, model: str) -> tuple[tuple, dict[str, 
     return key, {"images": images, "labels": labels, "test_idx": test_idx, "models": loaded}
 
 
-def _prefetch(cfg: Config, dataset: str, model: str) -> None:
-    """Start loading (dataset, model) on the host in the background, unless it is already."""
-    global _PREFETCHER
-    if (dataset, model) in _PREFETCH:
-        return
-    _drop_prefetch()
-    if _PREFETCHER is None:
-        _PREFETCHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cose-prefetch")
-    _PREFETCH[(dataset, model)] = _PREFETCHER.submit(_load_host, cfg, dataset, model)
+class Worker:
+    """One process's explain worker (the local run, or one Ray actor): it owns the loaded
+    (dataset, model), kept on the device for all its units of that pair (one pair at a time
+    bounds memory), and the background load of the run's next pair (``COSE_PREFETCH``)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.pair: runner.Pair | None = None
+        self.loads = 0  # pairs loaded in this process: once per worker and model
+        self.prefetched = 0  # of these, loads done in the background meanwhile
+        # the next pair being loaded on the host: {(dataset, model): Future[(key, host)]}
+        self.pending: dict[tuple[str, str], Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def pair_for(self, cfg: Config, dataset: str, model: str) -> runner.Pair:
+        """The loaded pair, loading it (or taking its prefetch) when it is another one."""
+        key = _context_key(cfg, dataset, model)
+        if key == self.key:
+            return self.pair
+        self.loads += 1
+        self.key = self.pair = None
+        host = None
+        future = self.pending.pop((dataset, model), None)
+        if future is not None:
+            ready_key, host = future.result()  # a load error surfaces here, for this unit
+            if ready_key != key:  # files changed since the prefetch began
+                host = None
+        self.drop_prefetch()
+        if host is None:
+            _, host = _load_host(cfg, dataset, model)
+        else:
+            self.prefetched += 1
+        dev = common.device()
+        loaded = {k: m.to(dev) for k, m in host["models"].items()}
+        self.pair = runner.Pair(
+            model=loaded.pop("final"), images=host["images"].to(dev),
+            labels=host["labels"].to(dev), ids=list(host["test_idx"]),
+            normalize=lambda x, _m=model: models.normalize(x, _m),
+            random_model=loaded.pop("random", None), checkpoints=loaded, dataset=dataset,
+            name=model)
+        self.key = key
+        return self.pair
+
+    def prefetch(self, cfg: Config, dataset: str, model: str) -> None:
+        """Start loading (dataset, model) on the host in the background, unless it is."""
+        if (dataset, model) in self.pending:
+            return
+        self.drop_prefetch()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cose-prefetch")
+        self.pending[(dataset, model)] = self._pool.submit(_load_host, cfg, dataset, model)
+
+    def drop_prefetch(self) -> None:
+        """Forget a prefetch nobody asked for, after it ends (two loads never overlap)."""
+        for future in self.pending.values():
+            future.cancel() or future.exception()
+        self.pending.clear()
+
+    def release(self) -> None:
+        """Free the loaded pair and any prefetch: the next unit loads again, as in a new
+        worker."""
+        self.drop_prefetch()
+        self.key = self.pair = None
+
+    def compute(self, unit: Unit, cfg: Config, upcoming: tuple[str, str] | None
+                ) -> engine.UnitResult:
+        pair = self.pair_for(cfg, unit.dataset, unit.model)
+        if upcoming and tuple(upcoming) != (unit.dataset, unit.model) and prefetch_enabled(
+                common.device()):
+            self.prefetch(cfg, *upcoming)
+        sel = common.selection(cfg, unit.dataset, unit.model, unit.method)
+        draws = {t: torch.from_numpy(d[unit.start : unit.stop]) for t, d in sel.draws.items()}
+        return runner.explain_chunk(pair, unit.method, sel.test_idx[unit.start : unit.stop],
+                                    runner.Options.from_config(cfg), first=unit.shard == 0,
+                                    draws=draws)
 
 
-def _drop_prefetch() -> None:
-    """Forget a prefetch nobody asked for, after it ends (two loads never overlap)."""
-    for future in _PREFETCH.values():
-        future.cancel() or future.exception()
-    _PREFETCH.clear()
+WORKER = Worker()  # this process's
 
 
 def release() -> None:
-    """Free this process's loaded (dataset, model) and any prefetch of the next one: the next
-    unit loads its data and models again, as in a new worker."""
-    _drop_prefetch()
-    _CONTEXT.clear()
+    """Free this process's loaded (dataset, model) and any prefetch of the next one."""
+    WORKER.release()
 
 
-def _context(cfg: Config, dataset: str, model: str) -> dict[str, Any]:
-    """Data and every model a unit needs, loaded once per worker process and kept on the
-    device for all the units of this (dataset, model)."""
-    key = _context_key(cfg, dataset, model)
-    if key in _CONTEXT:
-        return _CONTEXT[key]
-    from cose import models
-
-    global _LOADS, _PREFETCHED
-    _LOADS += 1
-    _CONTEXT.clear()  # one (dataset, model) at a time per worker bounds memory
-    host = None
-    future = _PREFETCH.pop((dataset, model), None)
-    if future is not None:
-        ready_key, host = future.result()  # a load error surfaces here, for this unit
-        if ready_key != key:  # files changed since the prefetch began
-            host = None
-    _drop_prefetch()
-    if host is None:
-        _, host = _load_host(cfg, dataset, model)
-    else:
-        _PREFETCHED += 1
-    dev = common.device()
-    loaded = {k: m.to(dev) for k, m in host["models"].items()}
-    ctx = {
-        "images": host["images"].to(dev),
-        "labels": host["labels"].to(dev),
-        "test_idx": host["test_idx"],
-        "row": {int(i): r for r, i in enumerate(host["test_idx"])},
-        "model": loaded.pop("final"),
-        "random": loaded.pop("random", None),
-        "checkpoints": loaded,
-        "normalize": lambda x, _m=model: models.normalize(x, _m),
-    }
-    _CONTEXT[key] = ctx
-    return ctx
+def write_shard(unit: Unit, result: engine.UnitResult) -> int:
+    """The unit's parquet, its sample maps, then the sidecar (the commit marker): nothing
+    run-dependent, so the same unit gives the same bytes on any backend and a rerun is
+    byte-identical. Returns the rows."""
+    buf = io.BytesIO()
+    result.pairs.to_parquet(buf, index=False)
+    atomic_write_bytes(unit.parquet, buf.getvalue())
+    meta = {"fingerprint": unit.fingerprint, "sha256": sha256_file(unit.parquet),
+            "rows": len(result.pairs), "unit": asdict(unit)}
+    if result.samples:  # under the same commit marker as the shard
+        blob = npz_bytes(result.samples)
+        atomic_write_bytes(unit.samples, blob)
+        meta["samples_sha256"] = hashlib.sha256(blob).hexdigest()
+    atomic_write_text(unit.sidecar, json.dumps(meta, indent=1, sort_keys=True))
+    return len(result.pairs)
 
 
 def compute_unit(
@@ -279,46 +316,17 @@ def compute_unit(
 
     `upcoming`: the (dataset, model) this worker will likely need after this one's units;
     where `prefetch_enabled`, its data and models load in the background meanwhile.
-    The sidecar (fingerprint, sha256, rows) is written last and holds nothing run-dependent,
-    so the same unit gives the same bytes on any backend and a rerun is byte-identical.
     """
-    from cose.engine import explain_unit
-
     if root:
         os.chdir(root)
-    cfg = from_dict(cfg_dict)
+    from cose import plugins
+
+    plugins.load()  # a worker process registers the project's own methods and models too
     t0 = time.perf_counter()
-    ctx = _context(cfg, unit.dataset, unit.model)
-    if upcoming and tuple(upcoming) != (unit.dataset, unit.model) and prefetch_enabled(
-            common.device()):
-        _prefetch(cfg, *upcoming)
-    sel = common.selection(cfg, unit.dataset, unit.model, unit.method)
-    test_idx = list(sel.test_idx[unit.start : unit.stop])
-    rows = torch.tensor([ctx["row"][i] for i in test_idx], device=ctx["images"].device)
-    draws = {t: torch.from_numpy(d[unit.start : unit.stop]) for t, d in sel.draws.items()}
-    keep = cfg.explain.sample_maps if unit.shard == 0 else 0
-    result = explain_unit(
-        ctx["model"], ctx["images"][rows], ctx["labels"][rows], test_idx, unit.method,
-        ctx["normalize"], transforms=cfg.explain.transforms, magnitudes=cfg.explain.magnitudes,
-        seed=cfg.explain.seed, random_model=ctx["random"], checkpoints=ctx["checkpoints"],
-        settings=cfg.explain.settings.get(unit.method, {}), batch_size=cfg.explain.batch_size,
-        keep_samples=keep, precision=cfg.explain.precision, draws=draws or None,
-        noise_floor=cfg.explain.noise_floor and spec.method(unit.method).stochastic,
-    )
-    buf = io.BytesIO()
-    result.pairs.to_parquet(buf, index=False)
-    atomic_write_bytes(unit.parquet, buf.getvalue())
-    meta = {"fingerprint": unit.fingerprint, "sha256": sha256_file(unit.parquet),
-            "rows": len(result.pairs), "unit": asdict(unit)}
-    if result.samples:  # under the same commit marker as the shard
-        blob = npz_bytes(result.samples)
-        atomic_write_bytes(unit.samples, blob)
-        meta["samples_sha256"] = hashlib.sha256(blob).hexdigest()
-    seconds = time.perf_counter() - t0
-    atomic_write_text(unit.sidecar, json.dumps(meta, indent=1, sort_keys=True))
-    return {"key": unit.key, "rows": len(result.pairs), "seconds": seconds,
-            "worker": f"{os.uname().nodename}:{os.getpid()}", "loads": _LOADS,
-            "prefetched": _PREFETCHED}
+    rows = write_shard(unit, WORKER.compute(unit, from_dict(cfg_dict), upcoming))
+    return {"key": unit.key, "rows": rows, "seconds": time.perf_counter() - t0,
+            "worker": f"{os.uname().nodename}:{os.getpid()}", "loads": WORKER.loads,
+            "prefetched": WORKER.prefetched}
 
 
 def run_job(job: tuple[Unit, tuple[str, str] | None], cfg_dict: dict[str, Any],
@@ -367,10 +375,7 @@ def merge(cfg: Config, units: list[Unit]) -> dict[tuple[str, str, str], pd.DataF
         tables.setdefault((u.dataset, u.model, u.method), []).append(pd.read_parquet(u.parquet))
     out = {}
     for (dataset, model, method), parts in tables.items():
-        df = pd.concat(parts, ignore_index=True)
-        df.insert(0, "saliency_method", method)
-        df.insert(0, "model", model)
-        df.insert(0, "dataset", dataset)
+        df = runner.tag_rows(pd.concat(parts, ignore_index=True), dataset, model, method)
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)
         atomic_write_bytes(common.explain_dir(dataset, model, method) / "pairs.parquet",

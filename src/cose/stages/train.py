@@ -15,6 +15,7 @@ import torch
 from cose import models
 from cose.config import Config
 from cose.io import atomic_write_text
+from cose.selection import shared_subset
 from cose.stages import common
 from cose.tracking import Journal
 
@@ -37,7 +38,7 @@ def load_training_split(
     n = data.split_size(dataset, cfg.data.root, split)
     idx = None
     if keep is not None:
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:keep].tolist()
+        idx = list(shared_subset(n, keep, cfg.seed))
     count = n if idx is None else len(idx)
     if count * 3 * spec.crop**2 * 4 <= IN_MEMORY_BYTES:  # decoded float32 [count,3,crop,crop]
         return data.load_split(dataset, cfg.data.root, split, spec, indices=idx)
