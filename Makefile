@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast ui lint install install-dev clean-results
+.PHONY: demo exp test test-fast ui lint install install-dev clean-results
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ demo: install
 	dvc repro
 	@echo
 	@cat results/cose_table.md
+	@echo
+	@echo "dvc.lock and results/*.json are staged for git: commit them with the code to share this run (README, Share results)"
+
+## exp: experiments side by side: the params that differ and COSE per method (README)
+exp: install
+	dvc exp show --only-changed --keep '^cose\.'
 
 ## test: install dev extras and run the whole test suite
 test: install-dev

@@ -167,15 +167,17 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{args.name}: {path}")
         return 0
     if args.command == "log":
-        from cose.tracking import replay_pending
+        from cose.tracking import relocate_store, replay_pending
 
+        relocate_store()
         pushed, failed = replay_pending()
         print(f"replayed {pushed} pending log(s); {failed} still pending")
         return 1 if failed else 0
     if args.command == "ui":
-        from cose.tracking import artifact_root, tracking_uri
+        from cose.tracking import artifact_root, relocate_store, tracking_uri
 
         (Path.cwd() / "mlruns").mkdir(exist_ok=True)
+        relocate_store()  # a moved checkout shows its own artifacts
         cmd = ["mlflow", "ui", "--backend-store-uri", tracking_uri(),
                "--default-artifact-root", artifact_root(), "--host", args.host,
                "--port", str(args.port)]

@@ -6,6 +6,15 @@ then pushes it to MLflow with retries and backoff, and deletes the file once eve
 Pushing is idempotent: each run carries a `cose.run_key` tag and is skipped when a complete run
 with that key exists, so `cose log` can replay pending journals any number of times.
 
+Every run holds its real start and end time (taken when the work happens, kept by a replay),
+every metric the time it was logged. The runs of one pipeline execution (the same experiment
+or branch, commit and params.yaml) nest under one parent run (``cose.stage = pipeline``);
+every run carries the DVC experiment name (``dvc.experiment``: ``DVC_EXP_NAME`` under
+``dvc exp run``, else the git branch or commit) and the stage's resolved params. A project's
+sqlite store keeps its artifacts in ``mlruns/artifacts``: MLflow stores those locations as
+absolute paths, so a copied or moved checkout has its store's locations moved with it
+(:func:`relocate_store`) before anything is logged or shown.
+
 `tracking.retries` and `tracking.backoff_s` bound how long an outage holds a stage up: while
 pushing, MLflow's own HTTP retries (7 by default, with a backoff that adds up to minutes per
 request) are turned off and the request timeout is 30 s, unless `MLFLOW_HTTP_REQUEST_MAX_RETRIES`
@@ -80,6 +89,88 @@ def git_commit(root: Path | None = None) -> str:
         return "unknown"
 
 
+def dvc_experiment(root: Path | None = None, commit: str | None = None) -> str:
+    """The DVC experiment this process runs in (``DVC_EXP_NAME``, set by ``dvc exp run``),
+    else the git branch, else the commit."""
+    name = os.environ.get("DVC_EXP_NAME")
+    if name:
+        return name
+    try:
+        branch = subprocess.run(["git", "rev-parse", "--abbrev-ref", "HEAD"],
+                                cwd=root or project_root(), capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        branch = ""
+    if branch and branch != "HEAD":
+        return branch
+    return (commit or git_commit(root))[:12]
+
+
+def pipeline_key(root: Path | None = None, experiment: str = "", commit: str = "") -> str:
+    """One pipeline execution: the same experiment or branch, commit and params.yaml. The
+    stages of one `dvc repro` (separate processes) share it."""
+    import hashlib
+
+    h = hashlib.sha256(f"{experiment}\n{commit}\n".encode())
+    params = (root or project_root()) / "params.yaml"
+    if params.is_file():
+        h.update(params.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def relocate_store(root: Path | None = None) -> int:
+    """Move the artifact locations of the project's sqlite store to this checkout.
+
+    MLflow records each experiment's and run's artifact location as an absolute path; in a
+    checkout copied or moved elsewhere they still name the old tree, so new runs would write
+    there and old ones be read from there. A location ``<old>/mlruns/...`` becomes
+    ``<root>/mlruns/...`` (the artifacts moved with the store). Only the project store
+    (``sqlite:///<root>/mlruns/mlflow.db``); returns the rows changed."""
+    import sqlite3
+
+    root = (root or project_root()).resolve()
+    if tracking_uri(root) != f"sqlite:///{root / 'mlruns' / 'mlflow.db'}":
+        return 0
+    db = root / "mlruns" / "mlflow.db"
+    if not db.is_file():
+        return 0
+    here = str(root / "mlruns")
+    changed = 0
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"experiments", "runs"} <= tables:
+            return 0
+        with con:
+            for table, column, key in (("experiments", "artifact_location", "experiment_id"),
+                                       ("runs", "artifact_uri", "run_uuid")):
+                for row_id, value in con.execute(f"SELECT {key}, {column} FROM {table}").fetchall():
+                    new = _moved(value, here)
+                    if new is not None:
+                        con.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?",
+                                    (new, row_id))
+                        changed += 1
+    finally:
+        con.close()
+    if changed:
+        log.info("MLflow store moved: %d artifact locations now under %s", changed, here)
+    return changed
+
+
+def _moved(location: str | None, here: str) -> str | None:
+    """``location`` under ``here`` when it names another tree's ``.../mlruns/...``."""
+    if not location:
+        return None
+    scheme = "file://" if location.startswith("file://") else ""
+    path = location.removeprefix("file://")
+    if not path.startswith("/") or path == here or path.startswith(here + "/"):
+        return None
+    head, sep, tail = path.rpartition("/mlruns")
+    if not sep or (tail and not tail.startswith("/")):
+        return None
+    return f"{scheme}{here}{tail}"
+
+
 def data_hash(root: Path | None = None) -> str:
     """md5 of the `data` output recorded in data.dvc ("none" without one)."""
     import yaml
@@ -92,15 +183,34 @@ def data_hash(root: Path | None = None) -> str:
         return "none"
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 @dataclass
 class RunRecord:
     key: str
     name: str
     parent: str | None = None
     params: dict[str, str] = field(default_factory=dict)
-    metrics: list[tuple[str, float, int]] = field(default_factory=list)
+    metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # (k, v, step, ms)
     tags: dict[str, str] = field(default_factory=dict)
     artifacts: list[tuple[str, str | None]] = field(default_factory=list)
+    start_ms: int = field(default_factory=_now_ms)
+    end_ms: int | None = None
+    # tag -> (stage, run key): the run of another stage this one is made from, as MLflow
+    # run id once both are pushed (compile's cells link the explain runs they aggregate)
+    links: dict[str, list[str]] = field(default_factory=dict)
+
+    def finish(self) -> RunRecord:
+        """The run's work is done: its end time is now (once)."""
+        if self.end_ms is None:
+            self.end_ms = _now_ms()
+        return self
+
+    def link(self, tag: str, stage: str, key: str) -> RunRecord:
+        self.links[tag] = [stage, key]
+        return self
 
     def log_params(self, params: dict[str, Any], prefix: str = "") -> RunRecord:
         for k, v in _flatten(params, prefix).items():
@@ -110,7 +220,7 @@ class RunRecord:
     def log_metric(self, key: str, value: float, step: int = 0) -> RunRecord:
         value = float(value)
         if value == value:  # MLflow rejects NaN in some backends: skip, counts say why
-            self.metrics.append((key, value, int(step)))
+            self.metrics.append((key, value, int(step), _now_ms()))
         return self
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> RunRecord:
@@ -159,13 +269,18 @@ class Journal:
         self.backoff_s = backoff_s
         self.execution_id = uuid.uuid4().hex[:12]
         self.runs: dict[str, RunRecord] = {}
+        commit = git_commit(self.root)
+        experiment_name = dvc_experiment(self.root, commit)
         self.common_tags = {
             "cose.stage": stage,
             "dvc.stage": stage,
             "cose.execution_id": self.execution_id,
-            "git.commit": git_commit(self.root),
+            "git.commit": commit,
             "data.dvc.md5": data_hash(self.root),
+            "dvc.experiment": experiment_name,
+            "cose.pipeline": pipeline_key(self.root, experiment_name, commit),
         }
+        self.common_params: dict[str, str] = {}  # the resolved params, on every run
         self.root_run = self.run(stage, stage)
 
     @classmethod
@@ -178,9 +293,10 @@ class Journal:
         t = cfg.tracking
         journal = cls(stage, experiment=t.experiment, required=t.required, retries=t.retries,
                       backoff_s=t.backoff_s)
-        journal.root_run.log_params({"seed": cfg.seed, "datasets": ",".join(cfg.datasets),
-                                     "models": ",".join(cfg.models),
-                                     "methods": ",".join(cfg.methods)})
+        resolved = cfg.to_dict()
+        for key in ("datasets", "models", "methods"):
+            resolved[key] = ",".join(resolved[key])
+        journal.common_params = {k: str(v)[:6000] for k, v in _flatten(resolved).items()}
         if journal.required:
             journal.preflight()
         return journal
@@ -193,6 +309,13 @@ class Journal:
             self.runs[key] = RunRecord(key=key, name=name, parent=parent)
         return self.runs[key]
 
+    def finish(self) -> None:
+        """Every run still open ends now (the stage's root last)."""
+        for rec in self.runs.values():
+            if rec is not self.root_run:
+                rec.finish()
+        self.root_run.finish()
+
     # ------------------------------------------------------------------ persistence
 
     def to_json(self) -> dict[str, Any]:
@@ -201,6 +324,7 @@ class Journal:
             "experiment": self.experiment,
             "execution_id": self.execution_id,
             "common_tags": self.common_tags,
+            "common_params": self.common_params,
             "runs": [r.__dict__ for r in self.runs.values()],
         }
 
@@ -215,9 +339,12 @@ class Journal:
         j.backoff_s = 1.0
         j.execution_id = doc["execution_id"]
         j.common_tags = doc["common_tags"]
+        j.common_params = doc.get("common_params", {})
         j.runs = {}
         for r in doc["runs"]:
-            rec = RunRecord(**{**r, "metrics": [tuple(m) for m in r["metrics"]],
+            saved = r.get("start_ms") or _now_ms()  # journals of before the times were kept
+            metrics = [tuple(m) if len(m) == 4 else (*m, saved) for m in r["metrics"]]
+            rec = RunRecord(**{**r, "metrics": metrics, "start_ms": saved,
                                "artifacts": [tuple(a) for a in r["artifacts"]]})
             j.runs[rec.key] = rec
         j.root_run = j.runs[j.stage]
@@ -255,7 +382,7 @@ class Journal:
         """Raise `TrackingError` now when MLflow cannot be reached (for `tracking.required`)."""
         def check() -> None:
             with _bounded_http():
-                client, uri = _client()
+                client, uri = _client(self.root)
                 _experiment_id(client, self.experiment, uri, self.root)
 
         last = self._retrying(check, "check")
@@ -267,7 +394,8 @@ class Journal:
             )
 
     def flush(self) -> bool:
-        """Save, push with retries; True when everything reached MLflow."""
+        """End the open runs, save, push with retries; True when everything reached MLflow."""
+        self.finish()
         path = self.save_pending()
         last = self._retrying(lambda: push(self), "push")
         if last is None:
@@ -323,12 +451,13 @@ def _bounded_http() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
-def _client():
-    import mlflow
+def _client(root: Path | None = None):
+    """A client of the project's store. Not mlflow.set_tracking_uri: that sets
+    MLFLOW_TRACKING_URI for the whole process, so a second project root (a moved checkout,
+    a test) would keep writing to the first one's store."""
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = tracking_uri(root)
     return MlflowClient(tracking_uri=uri), uri
 
 
@@ -359,10 +488,11 @@ def _push(journal: Journal) -> None:
 
     if tracking_uri(journal.root).startswith("sqlite:"):
         (journal.root / "mlruns").mkdir(parents=True, exist_ok=True)
-    client, uri = _client()
+        relocate_store(journal.root)
+    client, uri = _client(journal.root)
     exp_id = _experiment_id(client, journal.experiment, uri, journal.root)
     ids: dict[str, str] = {}
-    now = int(time.time() * 1000)
+    pipeline = _pipeline_run(client, exp_id, journal)
     for rec in journal.runs.values():
         full_key = f"{journal.execution_id}/{rec.key}"
         found = client.search_runs(
@@ -374,14 +504,18 @@ def _push(journal: Journal) -> None:
             continue
         for stale in found:  # a push that died half-way: start that run again
             client.delete_run(stale.info.run_id)
-        tags = {**journal.common_tags, **rec.tags, RUN_KEY_TAG: full_key}
+        tags = {**journal.common_tags, **rec.tags, RUN_KEY_TAG: full_key,
+                "cose.run": rec.key}
         tags["mlflow.runName"] = rec.name
-        if rec.parent is not None:
-            tags["mlflow.parentRunId"] = ids[rec.parent]
-        run = client.create_run(exp_id, tags=tags, run_name=rec.name)
+        tags["mlflow.parentRunId"] = ids[rec.parent] if rec.parent is not None else pipeline
+        for tag, (stage, key) in rec.links.items():
+            linked = _latest_run(client, exp_id, journal.common_tags["cose.pipeline"], stage, key)
+            if linked:
+                tags[tag] = linked
+        run = client.create_run(exp_id, start_time=rec.start_ms, tags=tags, run_name=rec.name)
         run_id = run.info.run_id
-        params = [Param(k, v) for k, v in rec.params.items()]
-        metrics = [Metric(k, v, now, s) for k, v, s in rec.metrics]
+        params = [Param(k, v) for k, v in {**journal.common_params, **rec.params}.items()]
+        metrics = [Metric(k, v, ts, s) for k, v, s, ts in rec.metrics]
         for i in range(0, max(len(params), len(metrics), 1), 100):
             client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100])
         for path, artifact_path in rec.artifacts:
@@ -390,8 +524,65 @@ def _push(journal: Journal) -> None:
             elif Path(path).exists():
                 client.log_artifact(run_id, path, artifact_path)
         client.set_tag(run_id, COMPLETE_TAG, "1")
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FINISHED", end_time=rec.end_ms or _now_ms())
         ids[rec.key] = run_id
+    _extend(client, pipeline, journal)
+
+
+def _pipeline_run(client: Any, exp_id: str, journal: Journal) -> str:
+    """The parent run of this pipeline execution, created by its first stage to log."""
+    from mlflow.entities import Param
+
+    key = journal.common_tags["cose.pipeline"]
+    filt = f"tags.`cose.pipeline` = '{key}' and tags.`cose.stage` = 'pipeline'"
+    with _pipeline_lock(journal.root):
+        found = client.search_runs([exp_id], filter_string=filt, max_results=1,
+                                   order_by=["attributes.start_time ASC"])
+        if found:
+            return found[0].info.run_id
+        tags = {k: v for k, v in journal.common_tags.items()
+                if k in ("git.commit", "data.dvc.md5", "dvc.experiment", "cose.pipeline")}
+        name = f"pipeline {journal.common_tags['dvc.experiment']}"
+        run = client.create_run(exp_id, start_time=journal.root_run.start_ms, run_name=name,
+                                tags={**tags, "cose.stage": "pipeline", "mlflow.runName": name})
+        params = [Param(k, v) for k, v in journal.common_params.items()
+                  if not k.startswith(("train.", "explain.", "compile.", "tracking."))]
+        if params:
+            client.log_batch(run.info.run_id, params=params[:100])
+        return run.info.run_id
+
+
+def _extend(client: Any, run_id: str, journal: Journal) -> None:
+    """The pipeline run spans its stages: its start and end are their earliest and latest."""
+    info = client.get_run(run_id).info
+    end = max(info.end_time or 0, journal.root_run.end_ms or _now_ms())
+    client.set_terminated(run_id, "FINISHED", end_time=end)
+
+
+def _latest_run(client: Any, exp_id: str, pipeline: str, stage: str, key: str) -> str | None:
+    filt = (f"tags.`cose.pipeline` = '{pipeline}' and tags.`cose.stage` = '{stage}' and "
+            f"tags.`cose.run` = '{key}' and tags.`{COMPLETE_TAG}` = '1'")
+    found = client.search_runs([exp_id], filter_string=filt, max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    if not found:  # the stage ran in an earlier pipeline execution: its latest run
+        filt = (f"tags.`cose.stage` = '{stage}' and tags.`cose.run` = '{key}' and "
+                f"tags.`{COMPLETE_TAG}` = '1'")
+        found = client.search_runs([exp_id], filter_string=filt, max_results=1,
+                                   order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
+@contextlib.contextmanager
+def _pipeline_lock(root: Path) -> Iterator[None]:
+    """Two stages pushing at once create one parent run (local stores; a server's users are
+    not on this machine, and a rare second parent there costs nothing but a row)."""
+    from cose.io import exclusive
+
+    if not tracking_uri(root).startswith("sqlite:"):
+        yield
+        return
+    with exclusive(root / "mlruns" / ".pipeline.lock", "the MLflow pipeline run", wait=60):
+        yield
 
 
 def replay_pending(root: Path | None = None) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cose import scoring, uncertainty
+from cose import scoring, spec, uncertainty
 from cose.config import Config
 from cose.io import atomic_write_text, remove_temp_files
 from cose.stages import common
@@ -44,6 +44,20 @@ def load_pairs(cfg: Config) -> pd.DataFrame:
 
 def _num(value) -> float | None:
     return None if value is None or pd.isna(value) else round(float(value), 6)
+
+
+def headline_json(summary: pd.DataFrame, means: pd.DataFrame | None = None) -> dict:
+    """The few numbers to compare runs by (``dvc exp show``, ``dvc metrics diff``): each
+    method's COSE, the mean over its (dataset, model) cells, and the fewest test images
+    behind a cell. The per-cell numbers and intervals are in metrics.json."""
+    if means is None:
+        means = summary.groupby("saliency_method", sort=False)["cose"].mean().reset_index()
+    cose = {r["saliency_method"]: _num(r["cose"]) for r in means.to_dict("records")
+            if pd.notna(r["cose"])}
+    out: dict = {"cose": {m: cose[m] for m in spec.method_order(list(cose))}}
+    if "n_images" in summary.columns and len(summary):
+        out["images"] = int(summary["n_images"].min())
+    return out
 
 
 def metrics_json(summary: pd.DataFrame, accuracies: dict[str, dict[str, float]],
@@ -77,10 +91,18 @@ def write_results(summary: pd.DataFrame, pairs: pd.DataFrame | None, out: Path,
     """summary.csv, cose_table.md, metrics.json, comparisons.csv and breakdowns under
     `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    written = list(scoring.write_summary(summary, out, means=means).values())
+    tables = scoring.write_summary(summary, out, means=means)
+    if "table1" not in tables:  # a DVC output: always there, saying why it is empty
+        tables["table1"] = out / "table1.md"
+        atomic_write_text(tables["table1"], "The published Table 1's models ("
+                          + ", ".join(spec.display_model(m) for m in spec.PUBLISHED_MODELS)
+                          + ") are not in this run: `cose_table.md` holds its table.\n")
+    written = list(tables.values())
     atomic_write_text(out / "metrics.json", json.dumps(
         metrics_json(summary, accuracies or {}, means), indent=2, sort_keys=True))
-    written.append(out / "metrics.json")
+    atomic_write_text(out / "headline.json", json.dumps(
+        headline_json(summary, means), indent=2, sort_keys=True) + "\n")
+    written += [out / "metrics.json", out / "headline.json"]
     if comparisons is not None:
         atomic_write_text(out / "comparisons.csv", comparisons.to_csv(index=False))
         written.append(out / "comparisons.csv")
@@ -144,12 +166,12 @@ def run(cfg: Config) -> pd.DataFrame:
     journal = Journal.for_config("compile", cfg)  # tracking.required fails before any work
     with common.output_lock("compile", str(common.RESULTS)):
         summary, written, accuracies = _compile(cfg)
-    journal.root_run.log_params(cfg.to_dict()["compile"], prefix="compile.")
     for path in written:
         journal.root_run.log_artifact(path, _artifact_folder(path))
     for row in summary.to_dict("records"):
         key = f"{row['dataset']}/{row['model']}/{row['saliency_method']}"
         r = journal.run(key, f"cose {key}")
+        r.link("cose.explain_run", "explain", key)  # the per-pair table this row scores
         r.log_params({"dataset": row["dataset"], "model": row["model"],
                       "saliency_method": row["saliency_method"]})
         r.log_metrics({k: float(v) for k, v in row.items()
@@ -157,9 +179,6 @@ def run(cfg: Config) -> pd.DataFrame:
                        and isinstance(v, (int, float, np.number)) and pd.notna(v)})
         if row.get("nan_cause"):
             r.set_tags({"cose.nan_cause": row["nan_cause"]})
-        acc = accuracies.get(row["dataset"], {}).get(row["model"])
-        if acc is not None:
-            r.log_metric("test_accuracy", acc)
     log.info("compile: logging %d rows and %d files to MLflow", len(summary), len(written))
     journal.flush()
     log.info("compile: %d rows in results/summary.csv; report: results/report.html",

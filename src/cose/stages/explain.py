@@ -409,22 +409,23 @@ def run(cfg: Config, backend: str | None = None) -> None:
     if note := precision.warning(cfg.explain.precision, cfg.methods):
         log.warning("explain: %s", note)
     with common.output_lock("explain", str(common.EXPLAIN)):
-        tables, executor = _run_units(cfg, backend)
-    journal.root_run.log_params(cfg.to_dict()["explain"], prefix="explain.")
+        tables, executor, spans = _run_units(cfg, backend)
     journal.root_run.set_tags({
         "cose.backend": executor.name,
         "cose.precision_unvalidated": ",".join(precision.unvalidated(cfg.explain.precision,
                                                                      cfg.methods)) or "none",
     })
-    from cose import scoring
-
     for (dataset, model, method), df in tables.items():
         run_ = journal.run(f"{dataset}/{model}/{method}", f"explain {dataset}/{model}/{method}")
         run_.log_params({"dataset": dataset, "model": model, "saliency_method": method})
         run_.log_params(cfg.explain.settings.get(method, {}), prefix="settings.")
-        scores = scoring.score(df, nan=cfg.compile.nan)
-        run_.log_metrics({k: v for k, v in scores.items() if isinstance(v, (int, float))})
-        run_.log_metrics({"pairs": len(df)})
+        # what this stage computes: the pairs and their time (COSE is compile's metric)
+        span = spans.get((dataset, model, method))
+        run_.log_metrics({"pairs": len(df), "nan_ssim": int(df["ssim"].isna().sum()),
+                          "units_run": span[2] if span else 0})
+        if span:  # the real time its units ran (none when every shard was reused)
+            run_.start_ms, run_.end_ms = span[0], span[1]
+            run_.log_metric("compute_seconds", span[3])
         run_.log_artifact(common.explain_dir(dataset, model, method) / "pairs.parquet")
     journal.flush()
 
@@ -459,9 +460,15 @@ def _run_units(cfg: Config, backend: str | None):
     t0 = time.perf_counter()
     loads: dict[str, int] = {}
     prefetched: dict[str, int] = {}
+    spans: dict[tuple[str, str, str], list] = {}  # start ms, end ms, units, seconds
     bar = _progress_bar(len(todo))
     with bar, _redirect_logging(bar):
         for i, res in enumerate(executor.run(run_job, jobs(todo), cfg.to_dict()), 1):
+            end = int(time.time() * 1000)
+            cell = tuple(res["key"].split("/")[:3])
+            span = spans.setdefault(cell, [end - int(res["seconds"] * 1000), end, 0, 0.0])
+            span[0] = min(span[0], end - int(res["seconds"] * 1000))
+            span[1], span[2], span[3] = max(span[1], end), span[2] + 1, span[3] + res["seconds"]
             elapsed = time.perf_counter() - t0
             eta = elapsed / i * (len(todo) - i)
             loads[res["worker"]] = max(loads.get(res["worker"], 0), res["loads"])
@@ -477,4 +484,4 @@ def _run_units(cfg: Config, backend: str | None):
     bad = [u.key for u in units if not shard_ok(u)]
     if bad:
         raise RuntimeError(f"explain: {len(bad)} units did not produce a valid shard: {bad[:5]}")
-    return merge(cfg, units), executor
+    return merge(cfg, units), executor, spans

@@ -85,21 +85,18 @@ def train_one(cfg: Config, dataset: str, model_name: str, journal: Journal) -> d
     final = history[-1]
     metrics = {"train_accuracy": final.get("train_acc"), "test_accuracy": final.get("val_acc"),
                "epochs": recipe.epochs}
-    run.log_metrics({k: v for k, v in metrics.items() if v is not None})
+    run.log_metrics({k: v for k, v in metrics.items() if v is not None}).finish()
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
 
 def run(cfg: Config) -> None:
-    journal = Journal.for_config("train", cfg)
-    journal.root_run.log_params(cfg.to_dict()["train"], prefix="train.")
+    journal = Journal.for_config("train", cfg)  # the resolved params go on every run
     for dataset in cfg.datasets:
         for model_name in cfg.models:
             log.info("training %s on %s", model_name, dataset)
             with common.output_lock(f"train-{dataset}-{model_name}",
                                     str(common.ckpt_dir(dataset, model_name))):
-                m = train_one(cfg, dataset, model_name, journal)
-            journal.root_run.log_metrics({f"{dataset}.{model_name}.test_accuracy":
-                                          m["test_accuracy"] or float("nan")})
+                train_one(cfg, dataset, model_name, journal)  # its run holds its accuracy
     journal.flush()
 
