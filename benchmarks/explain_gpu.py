@@ -1,13 +1,14 @@
 """Explain-stage throughput on one device: our explain unit vs the reference call pattern.
 
     python benchmarks/explain_gpu.py --device cuda --models resnet50,vit_b16 --size 224 \
-        --images 16 --precision fp32,bf16 --budget-s 360 --json $OUT/explain_gpu.json
+        --precision fp32,reference,bf16 --budget-s 450 --json $OUT/explain_gpu.json
     python benchmarks/explain_gpu.py --smoke --json /tmp/explain_gpu_smoke.json   # CPU, tiny
 
 What it measures, per (model, method, precision), in one run (docs/gpu.md):
 
-- ours: seconds per map of `cose.engine.explain_unit` on n images with every variant the
-  pipeline makes (13 transforms, 6 magnitudes, the random-init model, --checkpoints checkpoint
+- ours: seconds per map of `cose.engine.explain_unit` on a unit of n images (--images: by
+  default a full unit of the paper presets' shard_size, 50 images, for the CAMs, 16 for IG,
+  SmoothGrad and BlurIG, 4 for GuidedIG and LIME) with every variant the pipeline makes (13 transforms, 6 magnitudes, the random-init model, --checkpoints checkpoint
   models; about 60 maps per image), maps, predictions and SSIM/Spearman included; every model
   is built once, before the timing, and the unit is warmed up on a cut-down variant set first;
 - reference: seconds per map of the reference call pattern, reusing benchmarks/saliency_speed.py
@@ -22,20 +23,26 @@ What it measures, per (model, method, precision), in one run (docs/gpu.md):
   faster counts); % of limit = model passes per map x maps/s over the limit (LIME: forward
   limit; with its segmentation added to the limit time as well);
 - precisions: cose.precision, as explain.precision runs them: fp32 (TF32 off for matmul and
-  cuDNN), tf32 (both on), bf16 (torch.autocast around the model forward through a wrapper
+  cuDNN), reference (PyTorch's defaults: cuDNN TF32 on, matmul off), tf32 (both on), bf16 (torch.autocast around the model forward through a wrapper
   that returns float32 logits; the wrapper sits around the conv+BN-folded copy for the
   non-CAM methods); class predictions are fp32 at every precision. Each non-fp32 precision is
-  compared with the fp32 run of the same images: Pearson per map (maps whose class agrees),
-  per-pair |SSIM difference|; >= 0.99 on every map to recommend.
+  compared with the fp32 run of the same images by what COSE reports
+  (cose.scoring.agreement: |delta COSE|, |delta consistency|, |delta sensitivity| <= 0.005,
+  class flips <= 0.1% of pairs, the per-pair SSIM difference p50/p99), with the per-map
+  Pearson as information; a precision that agrees on every model is a
+  `cose.precision.VALIDATED` candidate, and the projection at "auto" uses, per method, the
+  fastest candidate (else fp32).
 
-The budget (--budget-s) is shared out ahead: every (method, model) item is predicted from the
-measured limits (and, as the run goes, from what the finished items took); an item gets at
-least one image and one reference map, more while its share lasts, and is skipped (said so in
-the table and the JSON) when even that does not fit. Methods run cheapest first.
+The budget (--budget-s): items are (method, model) pairs, every precision of a pair measured
+on the same full unit of images. Each is predicted from the measured limits (and, as the run
+goes, from what the finished items took); an item runs in full when its prediction fits what
+is left and is skipped (said so in the table and the JSON) when it does not, so a short
+budget measures fewer items at the stated unit size, never every item at one image. Items
+run cheapest method first, the models interleaved.
 It also projects the paper grid's GPU-hours (60 maps per image; 500 images for GradCAM,
 GradCAM++ and IG, 50 for the others; per (dataset, model) and for 13 models x 5 datasets).
 
---smoke: CPU, demo_resnet at 32 px, 2 images, 2 checkpoints, reduced steps for ours (the
+--smoke: CPU, demo_resnet at 32 px, 2 images per method, 2 checkpoints, reduced steps for ours (the
 reference keeps its own settings, so its speedups mean nothing there), fp32 and bf16 (CPU
 autocast): it exercises every code path in well under a minute. Its numbers are not results.
 """
@@ -43,7 +50,6 @@ autocast): it exercises every code path in well under a minute. Its numbers are 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import importlib
@@ -64,7 +70,7 @@ from torch import nn
 
 from cose import models as M
 from cose import precision as P
-from cose import saliency, spec
+from cose import saliency, scoring, spec
 from cose import transforms as T
 from cose.engine import UnitResult, explain_unit
 
@@ -87,8 +93,6 @@ CAM_METHODS = tuple(m for m in spec.BUILTIN_METHODS if spec.method(m).kind == "c
 PRECISIONS = P.PRECISIONS
 MEAN = torch.tensor(SP.MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(SP.STD).view(1, 3, 1, 1)
-# PyTorch's own defaults at import (matmul TF32 off, cuDNN TF32 on): what the reference ran
-DEFAULT_FLAGS = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
 
 # the paper's grid (BENCHMARKS.md): maps per image, models x datasets; images per method as the
 # paper presets run them (explain.images, explain.images_by_method: the same in all five)
@@ -123,25 +127,51 @@ REF_CALLS = {
 }
 # reference inputs after the originals: one variant each, cycled (content barely matters)
 REF_VARIANTS = (("Rotate", 45.0), ("Brightness", 0.5), ("FlipLR", 0.0), ("Blur", 0.0))
-EFFICIENCY_PRIOR = 0.4  # fraction of the limit assumed before anything is measured
+# fraction of the limit assumed before anything is measured (GuidedIG measured 22-33% of it on
+# an H200, the others 60-86%: docs/gpu.md)
+EFFICIENCY_PRIOR = {"guided_ig": 0.2}
+EFFICIENCY_PRIOR_OTHER = 0.4
+#: images of a measured unit, per method: a full unit of the paper presets' shard_size for the
+#: CAMs, never fewer than 16 for the other cheap methods, a stated fraction (4 of 50) for the
+#: two that cost 10-30x more per map (4 images x 48 transform variants still make batches of
+#: 192 rows per model call; on an H200 at fp32 one such unit of ViT-B/16 is 4-6 minutes)
+UNIT_IMAGES = {"gradcam": 50, "gradcampp": 50, "ig": 16, "smoothgrad": 16, "blur_ig": 16,
+               "guided_ig": 4, "lime": 4}
+MIN_CHEAP_IMAGES = 16
+EXPENSIVE = ("guided_ig", "lime")
 
 
-# ----------------------------------------------------------------------------- precision
+def images_per_method(text: str, methods: list[str], smoke: bool = False) -> dict[str, int]:
+    """--images: "auto" (UNIT_IMAGES), one count for every method, or "method=n,..." over
+    auto. A cheap method below MIN_CHEAP_IMAGES is refused (its unit would measure overhead,
+    not throughput)."""
+    out = {m: UNIT_IMAGES.get(m, MIN_CHEAP_IMAGES) for m in methods}
+    text = text.strip()
+    if text.isdigit():
+        out = {m: int(text) for m in methods}
+    elif text != "auto":
+        for part in filter(None, text.split(",")):
+            name, _, n = part.partition("=")
+            if name not in out or not n.isdigit():
+                raise SystemExit(f"--images: expected auto, N or method=N,...; got {part!r}")
+            out[name] = int(n)
+    low = [f"{m}={n}" for m, n in out.items() if n < 1 or (
+        n < MIN_CHEAP_IMAGES and m not in EXPENSIVE and not smoke)]
+    if low:
+        raise SystemExit(f"--images: {', '.join(low)}: cheap methods need at least "
+                         f"{MIN_CHEAP_IMAGES} images per unit (GuidedIG and LIME at least 1)")
+    return out
 
 
-@contextlib.contextmanager
-def precision_flags(mode: str):
-    """TF32 flags: cose.precision.flags(mode), or PyTorch's defaults for "reference"."""
-    if mode != "reference":
-        with P.flags(mode) as f:
-            yield f
-        return
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = DEFAULT_FLAGS
-    try:
-        yield {"matmul_allow_tf32": DEFAULT_FLAGS[0], "cudnn_allow_tf32": DEFAULT_FLAGS[1]}
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+def plan_items(costs: list[float], remaining: float, margin: float = 1.1) -> list[bool]:
+    """Which items run, in order, when each runs in full or not at all: an item runs when
+    its predicted cost (times `margin`) fits what is left after the earlier ones that run."""
+    out = []
+    for c in costs:
+        ok = c * margin <= remaining
+        out.append(ok)
+        remaining -= c if ok else 0.0
+    return out
 
 
 # ----------------------------------------------------------------------------- models
@@ -220,7 +250,7 @@ def limits_for(bundle: Bundle, precision: str, size: int, device, batch: int, it
     if device.type == "cuda" and has_convs(bundle.model):
         variants.append(("channels_last", copy.deepcopy(bundle.model).to(
             memory_format=torch.channels_last)))
-    with precision_flags(precision):
+    with P.flags(precision):
         for fmt, m in variants:
             run = P.Autocast(m, device.type).eval() if precision == "bf16" else m
             SP.measure_limits(run, size, device, batch, 1)  # warm-up: its one call is not enough
@@ -242,7 +272,7 @@ def batch1_latency(model: nn.Module, size: int, device, iters: int = 3) -> float
         (g,) = torch.autograd.grad(model(xi)[:, 0].sum(), xi)
         return g
 
-    with precision_flags("reference"):
+    with P.flags("reference"):
         once()
         SP.sync(device)
         t = time.perf_counter()
@@ -311,6 +341,9 @@ def compare_units(a: UnitResult, b: UnitResult) -> dict:
 
     ssim_d, ssim_nan = maxdiff("ssim")
     sp_d, sp_nan = maxdiff("spearman")
+    # what a user reads: COSE, consistency and sensitivity of these images, each side scored
+    # as compile scores it (cose.scoring.agreement; the per-map Pearson is information)
+    ag = scoring.agreement(pa, pb)
 
     return {
         "maps": int(agree.size),
@@ -326,6 +359,17 @@ def compare_units(a: UnitResult, b: UnitResult) -> dict:
         "ssim_nan_on_one_side": ssim_nan,
         "spearman_max_abs_diff": sp_d,
         "spearman_nan_on_one_side": sp_nan,
+        # agreement on no scored pair (every original misclassified) is no evidence
+        "cose_agrees": ag["ok"] and sum(c["n_pairs_scored"] for c in ag["cells"]) > 0,
+        "pairs_scored": sum(c["n_pairs_scored"] for c in ag["cells"]),
+        "delta_cose": ag["max_abs_delta"]["cose"],
+        "delta_consistency": ag["max_abs_delta"]["overall_consistency"],
+        "delta_sensitivity": ag["max_abs_delta"]["sensitivity"],
+        "class_flip_fraction": ag["flip_fraction"],
+        "ssim_diff_p50": ag["ssim_diff_p50"],
+        "ssim_diff_p99": ag["ssim_diff_p99"],
+        "cose_fp32": ag["cells"][0]["cose"] if ag["cells"] else None,
+        "cose_other": ag["cells"][0]["cose_other"] if ag["cells"] else None,
     }
 
 
@@ -360,7 +404,7 @@ def reference_warmup(bundle: Bundle, images01: torch.Tensor, device) -> bool:
     layer, reshape = M.cam_layer(bundle.reference_model)
     ref = SP.Reference(bundle.reference_model, device, layer, reshape)
     x = M.normalize(images01[:1], bundle.name)
-    with precision_flags("reference"):
+    with P.flags("reference"):
         ref.run("gradcam", x[0], 0)
         ref.release()
         ref._call_model_function(x.permute(0, 2, 3, 1).cpu().numpy(), {"target": 0})
@@ -381,7 +425,7 @@ def measure_reference(ref, method: str, xs: torch.Tensor, max_maps: int, share_s
     t_start = time.perf_counter()
     est = guess_s
     n_img = max(1, min(xs.shape[0], max_maps))
-    with precision_flags("reference"), warnings.catch_warnings():
+    with P.flags("reference"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for j in range(max_maps):
             now = time.perf_counter()
@@ -422,7 +466,9 @@ def parse(argv):
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--models", default="resnet50,vit_b16", help="cose model names, comma list")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--images", type=int, default=16, help="at most this many images per unit")
+    ap.add_argument("--images", default="auto",
+                    help="images per unit: auto (50 CAMs, 16 IG/SmoothGrad/BlurIG, 4 GuidedIG/"
+                         "LIME), N, or method=N,... (cheap methods at least 16)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--precision", default="fp32", help="comma list of fp32, tf32, bf16")
     ap.add_argument("--checkpoints", type=int, default=10, help="checkpoint models per unit")
@@ -433,7 +479,8 @@ def parse(argv):
                     help="saliency batch_size setting (default: auto by device)")
     ap.add_argument("--ref-maps", type=int, default=8, help="at most this many reference maps")
     ap.add_argument("--ref-methods", default=None,
-                    help="methods whose reference is measured, comma list (default: all)")
+                    help="methods whose reference is measured, comma list, or none "
+                         "(default: all)")
     ap.add_argument("--limit-batch", type=int, default=128)
     ap.add_argument("--limit-iters", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=360.0, help="wall-clock budget, seconds")
@@ -443,7 +490,7 @@ def parse(argv):
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.smoke:
-        args.device, args.models, args.size, args.images = "cpu", "demo_resnet", 32, 2
+        args.device, args.models, args.size, args.images = "cpu", "demo_resnet", 32, "2"
         args.checkpoints, args.magnitudes, args.ref_maps = 2, 2, 2
         args.limit_batch, args.limit_iters = 8, 2
         # one thread: on a shared CPU, OpenMP barriers stall for seconds under load
@@ -474,13 +521,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise SystemExit(f"--models: {e}") from None
     methods.sort(key=METHODS.index)
-    ref_methods = set(args.ref_methods.split(",")) if args.ref_methods else set(METHODS)
+    ref_methods = (set() if args.ref_methods == "none" else set(args.ref_methods.split(","))
+                   if args.ref_methods else set(METHODS))
     settings_base = {"batch_size": args.saliency_batch} if args.saliency_batch else {}
     settings = {
         m: {**(SMOKE_SETTINGS.get(m, {}) if args.smoke else {}), **settings_base} for m in methods
     }
-    sal_batch = args.saliency_batch or saliency.AUTO_BATCH_SIZE.get(
-        device.type, saliency.AUTO_BATCH_SIZE["other"])
+    sal_batch = args.saliency_batch or saliency.auto_batch_size("ig", device.type)
+    images_for = images_per_method(args.images, methods, args.smoke)
+    n_max = max(images_for.values())
     transforms = T.TRANSFORMS
     mpi = maps_per_image(transforms, args.magnitudes, args.checkpoints)
     notes: list[str] = [
@@ -502,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---- setup: models, images, limits
     print(f"setup: device {device}, models {model_names}, methods {methods}, "
           f"precisions {precisions}, budget {args.budget_s:.0f} s", flush=True)
-    images01 = (SP.make_images(args.images, args.size) * STD + MEAN).clamp(0, 1).to(device)
-    labels = torch.arange(args.images, device=device) % 10
+    images01 = (SP.make_images(n_max, args.size) * STD + MEAN).clamp(0, 1).to(device)
+    labels_of: dict[str, torch.Tensor] = {}
     bundles: dict[str, Bundle] = {}
     limits: dict[tuple[str, str], dict] = {}
     lat1: dict[str, float] = {}
@@ -515,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # wrong size for a ViT, ...
             raise SystemExit(f"{name} at {args.size} px: {e}") from None
         bundles[name] = b
+        with torch.no_grad(), P.flags("fp32"):  # its own predictions: every pair is scored
+            labels_of[name] = torch.cat([b.model(M.normalize(c, name)).argmax(1)
+                                         for c in images01.split(args.limit_batch)])
         for p in precisions:
             limits[(name, p)] = limits_for(b, p, args.size, device, args.limit_batch,
                                            args.limit_iters)
@@ -522,8 +574,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name} {p}: fwd+bwd {lm['fwd_bwd_img_s']:.1f} img/s, "
                   f"fwd {lm['fwd_img_s']:.1f} img/s @ batch {args.limit_batch}", flush=True)
         lat1[name] = batch1_latency(b.model, args.size, device)
-        with precision_flags("fp32"):  # first use of every transform and similarity kernel
-            explain_unit(b.model, images01[:1], labels[:1], [0], "gradcam",
+        with P.flags("fp32"):  # first use of every transform and similarity kernel
+            explain_unit(b.model, images01[:1], labels_of[name][:1], [0], "gradcam",
                          functools.partial(M.normalize, name_or_spec=name), magnitudes=1,
                          random_model=b.random, batch_size=args.unit_batch)
             SP.sync(device)
@@ -539,10 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     def pred_ours_img(method: str, name: str, prec: str) -> float:
         lm = limits[(name, prec)]
         passes = passes_per_map(method, settings[method])
+        eff = EFFICIENCY_PRIOR.get(method, EFFICIENCY_PRIOR_OTHER)
         if method == "lime":
-            per = passes / (lm["fwd_img_s"] * EFFICIENCY_PRIOR) + seg_s / threads
+            per = passes / (lm["fwd_img_s"] * eff) + seg_s / threads
         else:
-            per = passes / (lm["fwd_bwd_img_s"] * EFFICIENCY_PRIOR)
+            per = passes / (lm["fwd_bwd_img_s"] * eff)
         return mpi * (per + 1.0 / lm["fwd_img_s"])
 
     def pred_ref_map(method: str, name: str) -> float:
@@ -567,9 +620,13 @@ def main(argv: list[str] | None = None) -> int:
     def ours_img(method: str, name: str, prec: str) -> float:
         return pred_ours_img(method, name, prec) * c_ours(name, prec)
 
-    def item_min(method: str, name: str) -> float:
-        ours = sum(ours_img(method, name, p) * 1.15 for p in precisions)
-        return ours + pred_ref_map(method, name) * corr(ratios_ref.get(name))
+    def item_cost(method: str, name: str) -> float:
+        """Predicted seconds of an item: every precision on its full unit, plus the
+        reference's maps (at least one; at most a fifth of ours once it is longer)."""
+        ours = sum(ours_img(method, name, p) for p in precisions) * images_for[method]
+        if method not in ref_methods:
+            return ours
+        return ours + max(pred_ref_map(method, name) * corr(ratios_ref.get(name)), 0.2 * ours)
 
     def snapshot(complete: bool) -> dict:
         elapsed = time.perf_counter() - t_start
@@ -585,7 +642,6 @@ def main(argv: list[str] | None = None) -> int:
             "methods": methods,
             "precisions": precisions,
             "size": args.size,
-            "images_requested": args.images,
             "checkpoints": args.checkpoints,
             "magnitudes": args.magnitudes,
             "transforms": list(transforms),
@@ -594,8 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             "saliency_batch_size": sal_batch,
             "limit_batch": args.limit_batch,
             "settings": settings,
-            "default_flags": {"matmul_allow_tf32": DEFAULT_FLAGS[0],
-                              "cudnn_allow_tf32": DEFAULT_FLAGS[1]},
+            "images_per_method": images_for,
             "budget_s": args.budget_s,
             "elapsed_s": round(elapsed, 2),
             "over_budget": elapsed > args.budget_s,
@@ -604,38 +659,43 @@ def main(argv: list[str] | None = None) -> int:
             "complete": complete,
         }
         recs = recommendations(rows, model_names, precisions)
+        valid = validated(recs, model_names)
         projection = project(rows, model_names, precisions, methods)
+        fast = fastest(rows, valid, model_names, methods)
+        projection += project_auto(rows, model_names, methods, valid, fast)
         return {
             "schema": SCHEMA, "meta": meta, "limits": list(limits.values()), "rows": rows,
             "skipped": skipped, "projection": projection,
             "grid_mean_of_models": grid_mean(projection),
             "recommendations": recs,
-            "validated": validated(recs, model_names),
+            "validated": valid,
+            "fastest": fast,
         }
 
     # ---- items
     items = [(m, n) for m in methods for n in model_names]
     rows: list[dict] = []
     skipped: list[dict] = []
-    for idx, (method, name) in enumerate(items):
+    # every precision of an item on the same full unit; an item runs whole or not at all
+    print("plan: " + ", ".join(
+        f"{n} {m} {images_for[m]} img ~{item_cost(m, n):.0f} s" for m, n in items), flush=True)
+    for method, name in items:
         b = bundles[name]
         norm = functools.partial(M.normalize, name_or_spec=name)
         now = time.perf_counter()
         remaining = deadline - now
-        need = item_min(method, name)
-        future = sum(item_min(m2, n2) for m2, n2 in items[idx + 1 :])
-        if remaining < need * 1.1:
-            reason = (f"budget: predicted {need:.1f} s for one image and one reference map, "
-                      f"{remaining:.1f} s left")
+        need = item_cost(method, name)
+        if not plan_items([need], remaining)[0]:
+            reason = (f"budget: predicted {need:.1f} s for {images_for[method]} images at "
+                      f"{len(precisions)} precision(s), {remaining:.1f} s left")
             print(f"skip {name} {method}: {reason}", flush=True)
             for p in precisions:
                 skipped.append({"model": name, "method": method, "precision": p,
                                 "reason": reason})
             continue
-        extra = max(0.0, remaining - future - need)
-        share = need + extra * need / (need + future)
-        print(f"{name} {method}: share {share:.0f} s of {remaining:.0f} s left "
-              f"(at {now - t_start:.0f} s)", flush=True)
+        share = need
+        print(f"{name} {method}: {images_for[method]} images, predicted {need:.0f} s of "
+              f"{remaining:.0f} s left (at {now - t_start:.0f} s)", flush=True)
 
         # reference (fp32, PyTorch's default flags), on its own model copy
         ref_res, ref_cut = {"maps": 0}, ""
@@ -649,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                 layer, reshape = M.cam_layer(b.reference_model)
                 ref = SP.Reference(b.reference_model, device, layer, reshape)
                 xs = reference_inputs(images01, n_ref, norm)
-                ref_res = measure_reference(ref, method, xs, n_ref, max(0.3 * share, guess),
+                ref_res = measure_reference(ref, method, xs, n_ref, max(0.2 * share, guess),
                                             deadline, guess, device)
             except ImportError as e:
                 ref_cut = f"reference not measured: {e}"
@@ -658,14 +718,9 @@ def main(argv: list[str] | None = None) -> int:
                     (time.perf_counter() - t0) / ref_res["maps"] / pred_ref_map(method, name))
             if not ref_cut and ref_res["maps"] < n_ref:
                 ref_cut = f"reference cut to {ref_res['maps']} of {n_ref} maps (budget)"
-        spent = time.perf_counter() - now
 
         # ours, every precision on the same n images
-        per_img = sum(ours_img(method, name, p) for p in precisions)
-        left_item = max(share - spent, 0.0)
-        n = int(max(1, min(args.images, left_item // max(per_img, 1e-9))))
-        while n > 1 and time.perf_counter() + n * per_img * 1.1 > deadline:
-            n -= 1
+        n = images_for[method]
         keep = n if len(precisions) > 1 and "fp32" in precisions else 0
         idx_list = list(range(n))
         fp32_res: UnitResult | None = None
@@ -678,10 +733,12 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append({"model": name, "method": method, "precision": prec,
                                 "reason": reason})
                 continue
-            flags = {"matmul_allow_tf32": prec == "tf32", "cudnn_allow_tf32": prec == "tf32"}
+            with P.flags(prec) as flags:  # the flags explain_unit runs its passes with
+                pass
             common = dict(random_model=b.random, checkpoints=b.checkpoints, precision=prec,
                           batch_size=args.unit_batch)  # fmt: skip
             warm = {**WARM_SETTINGS.get(method, {}), **settings_base}
+            labels = labels_of[name]
             explain_unit(b.model, images01[:1], labels[:1], [0], method, norm,
                          transforms=("FlipLR", "Rotate"), magnitudes=1, settings=warm, **common)
             SP.sync(device)
@@ -701,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
             pct = 100 * passes / s_map / lm[kind]
             row = {
                 "model": name, "method": method, "precision": prec, "status": "ok",
-                "images": n, "images_requested": args.images, "maps": maps,
+                "images": n, "maps": maps,
                 "maps_per_image": maps // n, "ours_s": round(dt, 4),
                 "ours_s_per_map": s_map, "passes_per_map": passes,
                 "limit_kind": kind, "limit_img_s": lm[kind], "pct_of_limit": round(pct, 2),
@@ -710,15 +767,15 @@ def main(argv: list[str] | None = None) -> int:
                 "reference_map_only_s_per_map": ref_res.get("map_only_s_per_map"),
                 "reference_precision": "fp32 (PyTorch default flags)",
                 "speedup": (ref_res["s_per_map"] / s_map) if ref_res.get("s_per_map") else None,
-                "unit_batch_size": args.unit_batch, "saliency_batch_size": sal_batch,
+                "unit_batch_size": args.unit_batch,
+                "saliency_batch_size": args.saliency_batch or saliency.auto_batch_size(
+                    method, device.type),
                 "flags": flags, "parity_vs_fp32": None, "notes": [],
             }
             if method == "lime":  # the target adds the segmentation to the limit time
                 t_lim = passes / lm["fwd_img_s"] + seg_s / min(threads, maps)
                 row["segmentation_s_per_image"] = seg_s
                 row["pct_of_limit_with_segmentation"] = round(100 * t_lim / s_map, 2)
-            if n < args.images:
-                row["notes"].append(f"ours on {n} of {args.images} images (budget)")
             if ref_cut:
                 row["notes"].append(ref_cut)
             if prec == "fp32":
@@ -812,6 +869,33 @@ def project(rows, model_names, precisions, methods) -> list[dict]:
     return out
 
 
+def project_auto(rows, model_names, methods, validated_pairs, fast) -> list[dict]:
+    """The projection at ``auto``: per method the precision cose.precision.resolve picks with
+    this run's candidates as VALIDATED and FASTEST (the fastest measured of fp32 and those
+    agreeing on every model), at the s/map measured for it."""
+    table = frozenset(tuple(v) for v in validated_pairs)
+    out = []
+    for name in model_names:
+        chosen = {m: P.resolve(P.AUTO, m, table, fast) for m in methods}
+        got = {m: next((r for r in rows if r["model"] == name and r["method"] == m
+                        and r["precision"] == p), None) for m, p in chosen.items()}
+        done = {m: r for m, r in got.items() if r is not None}
+        if not done:
+            continue
+        ours = sum(paper_maps(m) * r["ours_s_per_map"] for m, r in done.items()) / 3600
+        grid = PAPER_MODELS * PAPER_DATASETS
+        out.append({
+            "model": name, "precision": "auto", "chosen": chosen,
+            "missing": [m for m in METHODS if m not in done],
+            "complete": all(m in done for m in METHODS),
+            "ours_h_per_dataset_model": round(ours, 6), "ours_h_grid": round(ours * grid, 4),
+            "meets_30_min_per_dataset_model": ours <= TARGET_H_PER_DATASET_MODEL,
+            "meets_gpu_day_grid": ours * grid <= TARGET_H_GRID,
+            "reference_h_per_dataset_model": None, "reference_h_grid": None,
+        })
+    return out
+
+
 def grid_mean(projection: list[dict]) -> list[dict]:
     """The 13 x 5 grid at the mean per-(dataset, model) cost of the models measured in full."""
     out = []
@@ -837,11 +921,30 @@ def recommendations(rows, model_names, precisions) -> list[dict]:
             par = {r["method"]: r["parity_vs_fp32"] for r in got if r["parity_vs_fp32"]}
             if not par:
                 continue
-            ok = {m: (p["pearson_min"] is not None and p["pearson_min"] >= 0.99)
-                  for m, p in par.items()}
+            ok = {m: bool(p["cose_agrees"]) for m, p in par.items()}  # by COSE, not Pearson
             out.append({"model": name, "precision": prec, "methods_ok": ok,
                         "recommended_for": sorted((m for m, v in ok.items() if v),
                                                   key=METHODS.index)})
+    return out
+
+
+def fastest(rows, validated_pairs, model_names, methods) -> dict[str, str]:
+    """Per method, the precision `auto` should run: of fp32 and the validated candidates, the
+    one with the least s/map summed over the models (measured on every model); the candidate
+    for `cose.precision.FASTEST`."""
+    table = {tuple(v) for v in validated_pairs}
+    out = {}
+    for m in methods:
+        best = None
+        for prec in ["fp32", *(p for p, m2 in table if m2 == m)]:
+            got = [r for r in rows if r["method"] == m and r["precision"] == prec]
+            if {r["model"] for r in got} != set(model_names):
+                continue
+            t = sum(r["ours_s_per_map"] for r in got)
+            if best is None or t < best[0]:
+                best = (t, prec)
+        if best is not None:
+            out[m] = best[1]
     return out
 
 
@@ -867,8 +970,8 @@ def print_tables(result: dict) -> None:
           f"{meta['unit_batch_size']}, saliency batch {meta['saliency_batch_size']}, limit batch "
           f"{meta['limit_batch']}" + (" — SMOKE, not a result" if meta["smoke"] else ""))
     print("| model | method | precision | images | ours s/map | reference s/map (maps) "
-          "| speedup | % of limit | Pearson vs fp32 (min) | notes |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| speedup | % of limit | delta COSE vs fp32 (agrees) | Pearson vs fp32 (min) | notes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         par = r["parity_vs_fp32"]
         pct = _f(r["pct_of_limit"], ".1f")
@@ -877,9 +980,11 @@ def print_tables(result: dict) -> None:
         print(f"| {r['model']} | {r['method']} | {r['precision']} | {r['images']} | "
               f"{r['ours_s_per_map']:.5f} | {_f(r['reference_s_per_map'], '.4f')} "
               f"({r['reference_maps']}) | {_f(r['speedup'], '.1f')} | {pct} | "
-              f"{_f(par['pearson_min'] if par else None, '.4f')} | {'; '.join(r['notes'])} |")
+              + (f"{par['delta_cose']:.4f} ({'yes' if par['cose_agrees'] else 'NO'}) | "
+                 if par else "- | ")
+              + f"{_f(par['pearson_min'] if par else None, '.4f')} | {'; '.join(r['notes'])} |")
     for s in result["skipped"]:
-        print(f"| {s['model']} | {s['method']} | {s['precision']} | skipped | | | | | | "
+        print(f"| {s['model']} | {s['method']} | {s['precision']} | skipped | | | | | | | "
               f"{s['reason']} |")
     print("\nlimits (img/s):")
     for lm in result["limits"]:
@@ -897,10 +1002,13 @@ def print_tables(result: dict) -> None:
         print(f"grid at the mean of {', '.join(g['models'])} ({g['precision']}): "
               f"{g['ours_h_grid']:.2f} h for 13 models x 5 datasets")
     for rec in result["recommendations"]:
-        print(f"{rec['model']} {rec['precision']}: Pearson >= 0.99 on every map for "
-              f"{', '.join(rec['recommended_for']) or 'no method'}")
+        print(f"{rec['model']} {rec['precision']}: COSE within 0.005 of fp32 (and class flips "
+              f"<= 0.1%) for {', '.join(rec['recommended_for']) or 'no method'}")
     pairs = ", ".join(f"({p!r}, {m!r})" for p, m in result.get("validated", []))
-    print(f"cose.precision.VALIDATED candidates (measured and >= 0.99 on every model): {{{pairs}}}")
+    print(f"cose.precision.VALIDATED candidates (measured and agreeing on every model): "
+          f"{{{pairs}}}")
+    print(f"cose.precision.FASTEST candidates (auto's choice per method): "
+          f"{result.get('fastest', {})}")
     print(f"elapsed {meta['elapsed_s']:.1f} s of a {meta['budget_s']:.0f} s budget"
           + (" (OVER BUDGET)" if meta["over_budget"] else ""))
 

@@ -213,3 +213,27 @@ def test_context_load_benchmark_runs_and_checks_its_models(tmp_path):
         ("demo_swin", 2, True), ("demo_vit", 2, True)]
     assert all(r["switch_s"] is None for r in rows)  # the GPU columns need --device cuda
     assert "| demo_swin | 2 (" in res.stdout
+
+
+def test_auto_precision_fingerprints_the_resolved_precision(project, monkeypatch):
+    """explain.precision auto: a unit's fingerprint holds the precision its method resolves
+    to, so auto equals fp32 while nothing is validated, and a validated pair recomputes that
+    method's units only."""
+    from cose import precision
+
+    _, cfg = project
+
+    def fps(c) -> dict[str, str]:
+        return {u.key: u.fingerprint for u in explain.plan(c)}
+
+    def with_precision(p: str):
+        return config.from_dict({**cfg.to_dict(), "explain": {**cfg.to_dict()["explain"],
+                                                              "precision": p}})
+
+    assert cfg.explain.precision == "auto"
+    auto, fp32, bf16 = fps(cfg), fps(with_precision("fp32")), fps(with_precision("bf16"))
+    assert auto == fp32 and all(auto[k] != bf16[k] for k in auto)
+    monkeypatch.setattr(precision, "VALIDATED", frozenset({("bf16", "ig")}))
+    now = fps(cfg)
+    assert {k for k in now if now[k] != auto[k]} == {k for k in now if "/ig/" in k}
+    assert all(now[k] == bf16[k] for k in now if "/ig/" in k)

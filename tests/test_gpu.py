@@ -109,18 +109,33 @@ def test_smoke_run_writes_the_schema(tmp_path):
             assert par["maps"] == r["maps"] and par["maps_compared"] >= 1
             assert -1.0 <= par["pearson_min"] <= par["pearson_mean"] <= 1.0
             assert par["ssim_max_abs_diff"] >= 0
+            # validated by what COSE reports: every pair is scored (labels = predictions)
+            assert par["pairs_scored"] > 0 and par["class_flip_fraction"] == 0
+            assert par["cose_agrees"] == (max(par["delta_cose"], par["delta_consistency"],
+                                              par["delta_sensitivity"]) <= 0.005)
+            assert 0 <= par["ssim_diff_p50"] <= par["ssim_diff_p99"] <= par[
+                "ssim_max_abs_diff"] + 1e-12
 
-    assert {p["precision"] for p in data["projection"]} == {"fp32", "bf16"}
+    assert {p["precision"] for p in data["projection"]} == {"fp32", "bf16", "auto"}
+    auto = next(p for p in data["projection"] if p["precision"] == "auto")
+    assert auto["chosen"] == data["fastest"] and auto["complete"]
     for p in data["projection"]:
         assert p["complete"] and p["missing"] == []
+        if p["precision"] == "auto":
+            continue
         for key in ("ours_h_per_dataset_model", "reference_h_per_dataset_model",
                     "ours_h_grid", "reference_h_grid"):
             assert _positive(p[key]), key
         assert p["ours_h_grid"] == pytest.approx(65 * p["ours_h_per_dataset_model"], rel=1e-3)
-    assert [g["precision"] for g in data["grid_mean_of_models"]] == ["fp32", "bf16"]
+    assert [g["precision"] for g in data["grid_mean_of_models"]] == ["fp32", "bf16", "auto"]
     assert [r["precision"] for r in data["recommendations"]] == ["bf16"]
     recommended = data["recommendations"][0]["recommended_for"]
     assert data["validated"] == [["bf16", m] for m in recommended]  # one model: the same
+    by = {(r["method"], r["precision"]): r for r in data["rows"]}
+    for m, prec in data["fastest"].items():  # auto's choice: the fastest of fp32 and validated
+        options = ["fp32"] + [p for p, m2 in data["validated"] if m2 == m]
+        assert prec in options and by[(m, prec)]["ours_s_per_map"] == min(
+            by[(m, p)]["ours_s_per_map"] for p in options)
     assert "cose.precision.VALIDATED candidates" in res.stdout
 
 
@@ -133,6 +148,27 @@ def test_smoke_run_skips_what_the_budget_does_not_fit(tmp_path):
     assert all(s["reason"].startswith("budget:") for s in data["skipped"])
     assert data["meta"]["complete"] and data["meta"]["over_budget"]
     assert "skipped" in res.stdout
+
+
+def test_unit_sizes_and_the_planner():
+    """Each item is measured on its full unit or skipped: a short budget measures fewer items
+    at the stated size, never every item at one image."""
+    bench = _bench()
+    auto = bench.images_per_method("auto", list(saliency.METHODS))
+    assert auto["gradcam"] == auto["gradcampp"] == 50  # a full unit of the presets
+    assert all(auto[m] >= 16 for m in ("ig", "smoothgrad", "blur_ig"))
+    assert auto["guided_ig"] == auto["lime"] == 4
+    assert bench.images_per_method("ig=32,lime=4", ["ig", "lime"]) == {"ig": 32, "lime": 4}
+    assert bench.images_per_method("24", ["ig", "lime"]) == {"ig": 24, "lime": 24}
+    with pytest.raises(SystemExit, match="ig=4: cheap methods need at least 16"):
+        bench.images_per_method("ig=4", ["ig"])
+    with pytest.raises(SystemExit, match="expected auto, N or method=N"):
+        bench.images_per_method("foo=3", ["ig"])
+    assert bench.images_per_method("2", ["ig"], smoke=True) == {"ig": 2}
+    # greedy in order: an item that does not fit is skipped whole, later ones still run
+    assert bench.plan_items([1.0, 1.0, 5.0, 1.0], 3.5) == [True, True, False, True]
+    assert bench.plan_items([4.0], 4.0) == [False]  # the 10% margin
+    assert bench.plan_items([], 1.0) == []
 
 
 def test_passes_per_map_match_the_reference_count():
@@ -277,7 +313,7 @@ def test_vit_l16_unit_fits_an_80gb_card(method, settings, strict_fp32):
     peak = torch.cuda.max_memory_allocated()
     assert len(res.pairs) == 8 * 59  # 48 transform variants + random + 10 checkpoints
     report = {"method": method, "settings": settings, "images": 8, "unit_batch_size": 256,
-              "saliency_batch_size": saliency.AUTO_BATCH_SIZE["other"],
+              "saliency_batch_size": saliency.auto_batch_size(method, "cuda"),
               "resident_gib": resident / 2**30, "peak_gib": peak / 2**30,
               "card": torch.cuda.get_device_name(), "torch": torch.__version__}
     if os.environ.get("COSE_GPU_REPORT"):

@@ -51,9 +51,40 @@ def test_flags_set_and_restore():
             assert not torch.backends.cudnn.allow_tf32
         assert torch.backends.cudnn.allow_tf32
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
-    with pytest.raises(ValueError, match="precision: got 'fp16'; allowed: fp32, tf32, bf16"):
+    with P.flags("reference") as f:  # PyTorch's defaults, what the authors' code ran
+        assert not torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert f == {"matmul_allow_tf32": False, "cudnn_allow_tf32": True}
+    with P.flags("bf16") as f:
+        assert f == {"matmul_allow_tf32": False, "cudnn_allow_tf32": False}
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with pytest.raises(ValueError,
+                       match="precision: got 'fp16'; allowed: fp32, reference, tf32, bf16"):
         with P.flags("fp16"):
             pass
+    with pytest.raises(ValueError, match="precision: got 'auto'"):  # resolve it first
+        with P.flags("auto"):
+            pass
+
+
+def test_auto_resolves_to_the_fastest_validated(monkeypatch):
+    assert P.resolve("auto", "ig") == "fp32"  # nothing validated: fp32
+    table = frozenset({("reference", "ig"), ("tf32", "ig"), ("bf16", "smoothgrad"),
+                       ("reference", "lime")})
+    assert P.resolve("auto", "ig", table) == "tf32"
+    assert P.resolve("auto", "smoothgrad", table) == "bf16"
+    assert P.resolve("auto", "lime", table) == "reference"
+    assert P.resolve("auto", "gradcam", table) == "fp32"
+    assert P.resolve("bf16", "gradcam", table) == "bf16"  # an explicit choice stays
+    # measured fastest per method (bf16 can be slower than fp32): that one, if validated
+    fastest = {"ig": "reference", "smoothgrad": "fp32", "lime": "tf32"}
+    assert P.resolve("auto", "ig", table, fastest) == "reference"
+    assert P.resolve("auto", "smoothgrad", table, fastest) == "fp32"
+    assert P.resolve("auto", "lime", table, fastest) == "fp32"  # tf32 not validated for lime
+    monkeypatch.setattr(P, "VALIDATED", table)
+    assert P.resolve("auto", "ig") == "tf32"
+    assert P.unvalidated("auto", ["gradcam", "ig"]) == [] and P.warning("auto", ["ig"]) is None
+    with pytest.raises(ValueError, match="allowed: auto, fp32, reference, tf32, bf16"):
+        P.resolve("fp16", "ig")
 
 
 def test_wrap_per_method():
@@ -71,8 +102,9 @@ def test_wrap_per_method():
         assert (out - m(x)).abs().max() < 0.05 * m(x).abs().max()
     # conv+BN folding needs fx tracing, which the wrapper refuses: it stays as it is
     assert _core.fast_model(grad, x) is grad
-    with pytest.raises(ValueError, match="allowed: fp32, tf32, bf16"):
+    with pytest.raises(ValueError, match="allowed: auto, fp32, reference, tf32, bf16"):
         P.wrap(m, "half", "ig", x)
+    assert P.wrap(m, "auto", "ig", x) is m and P.wrap(m, "reference", "ig", x) is m
 
 
 @pytest.mark.parametrize("method", ["gradcam", "ig"])
@@ -83,6 +115,8 @@ def test_explain_unit_precisions(method):
     ref = unit(model, x, method, "fp32")
     tf32 = unit(model, x, method, "tf32")
     bf16 = unit(model, x, method, "bf16")
+    assert ref.pairs.equals(unit(model, x, method, "reference").pairs)  # no TF32 on a CPU
+    assert ref.pairs.equals(unit(model, x, method, "auto").pairs)  # nothing validated: fp32
     keys = ["test_idx", "transform_type", "transform_magnitude", "pred_class", "t_pred_class"]
     assert ref.pairs[keys].equals(bf16.pairs[keys])
     assert ref.pairs.equals(tf32.pairs)
@@ -123,16 +157,18 @@ def test_evaluate_precision():
 def test_config_precision():
     root = __import__("pathlib").Path(__file__).resolve().parent.parent / "params.yaml"
     assert config.PRECISIONS == P.PRECISIONS
-    assert config.load(root).explain.precision == "fp32"
+    assert config.load(root).explain.precision == "auto"
+    assert config.load(root, ["explain.precision=reference"]).explain.precision == "reference"
     cfg = config.load(root, ["explain.precision=bf16"])
     assert cfg.explain.precision == "bf16"
-    with pytest.raises(config.ConfigError, match="explain.precision: got 'fp16'; allowed"):
+    with pytest.raises(config.ConfigError,
+                       match="explain.precision: got 'fp16'; allowed: auto, fp32, reference"):
         config.load(root, ["explain.precision=fp16"])
 
 
 def test_unvalidated_modes_are_named(monkeypatch):
-    """tf32/bf16 count as validated for a method only once a device check has measured its
-    maps within Pearson 0.99 of fp32 (P.VALIDATED); until then every such run says so."""
+    """reference/tf32/bf16 count as validated for a method only once a device check has
+    measured its COSE within 0.005 of fp32 (P.VALIDATED); until then every such run says so."""
     methods = ["gradcam", "ig", "smoothgrad"]
     assert P.unvalidated("fp32", methods) == [] and P.warning("fp32", methods) is None
     assert P.unvalidated("bf16", methods) == methods
@@ -141,6 +177,7 @@ def test_unvalidated_modes_are_named(monkeypatch):
     assert P.unvalidated("tf32", methods) == ["gradcam", "smoothgrad"]
     assert P.warning("bf16", ["smoothgrad"]) is None
     assert P.warning("tf32", methods).startswith("precision tf32: not validated for gradcam, "
-                                                 "smoothgrad (maps may differ")
-    with pytest.raises(ValueError, match="allowed: fp32, tf32, bf16"):
+                                                 "smoothgrad (COSE may differ")
+    assert P.unvalidated("reference", methods) == methods
+    with pytest.raises(ValueError, match="allowed: auto, fp32, reference, tf32, bf16"):
         P.unvalidated("fp16", methods)

@@ -463,3 +463,65 @@ def test_lime_superpixels_scale_with_the_image():
         S.explain("lime", _resnet(), xn[:2], torch.tensor([0, 1]), samples=10, kernel_size=20,
                   max_dist=1000)
     assert any("fewer than 3 superpixels" in str(w.message) for w in seen)
+
+
+def test_lime_segments_while_the_model_runs(monkeypatch):
+    """LIME's quickshift runs on a thread pool while the model already evaluates the
+    perturbations of the images segmented so far; the forward batches (and so the maps) are
+    those of one pass over all images' rows."""
+    import threading
+    import time
+
+    from cose.saliency import lime as L
+
+    events: list[tuple[str, float, int]] = []
+    real_segment = L.segment
+
+    def slow_segment(*a, **k):
+        time.sleep(0.05)
+        out = real_segment(*a, **k)
+        events.append(("segment", time.perf_counter(), threading.get_ident()))
+        return out
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4))
+            self.rows: list[int] = []
+
+        def forward(self, x):
+            events.append(("forward", time.perf_counter(), len(x)))
+            self.rows.append(len(x))
+            return self.net(x)
+
+    monkeypatch.setattr(L, "segment", slow_segment)
+    torch.manual_seed(0)
+    model = Recorder().eval()
+    x = torch.rand(6, 3, 16, 16)
+    t = torch.tensor([0, 1, 2, 3, 0, 1])
+    kw = dict(samples=24, num_features=3, seed=0, batch_size=16, kernel_size=2, max_dist=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        streamed = L.compute(model, x, t, 3, **kw)
+        first_forward = min(e[1] for e in events if e[0] == "forward")
+        last_segment = max(e[1] for e in events if e[0] == "segment")
+        assert first_forward < last_segment  # the model ran before segmentation was over
+        assert len({e[2] for e in events if e[0] == "segment"}) == 2  # on two threads
+        rows = list(model.rows)
+        assert all(r == 16 for r in rows[:-1]) and 0 < rows[-1] <= 16
+        model.rows.clear()
+        torch.set_num_threads(1)  # one thread: segment, then run, image after image
+        sequential = L.compute(model, x, t, 3, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert model.rows == rows  # the same batches
+    assert torch.equal(streamed, sequential)
+
+
+def test_auto_batch_size_by_device_and_kind():
+    """batch_size null: 32 inputs per call on the CPU; off it 64 for the methods that hold an
+    autograd graph, 256 for the forward-only LIME."""
+    assert S.auto_batch_size("lime", "cpu") == S.auto_batch_size("ig", "cpu") == 32
+    assert S.auto_batch_size("ig", "cuda") == S.auto_batch_size("gradcam", "mps") == 64
+    assert S.auto_batch_size("lime", "cuda") == 256

@@ -655,3 +655,73 @@ def test_summarize_groups_and_orders():
         assert_metrics_equal(row.to_dict(), S.score(group), keys=list(S.METRICS))
     with pytest.raises(ValueError, match="missing columns"):
         S.summarize(pairs.drop(columns=["model"]))
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def _two_cells(seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.concat([to_pairs(synthetic_records(rng), "ig"),
+                      to_pairs(synthetic_records(rng), "lime", model="vit_b16")],
+                     ignore_index=True)
+
+
+def test_agreement_by_what_cose_reports():
+    base = _two_cells()
+    same = S.agreement(base, base.sample(frac=1, random_state=1))  # order does not matter
+    assert same["ok"] and same["class_flips"] == 0 and same["ssim_diff_max"] == 0.0
+    assert [(c["saliency_method"], c["model"]) for c in same["cells"]] == [
+        ("ig", "resnet50"), ("lime", "vit_b16")]
+    assert all(c["delta_cose"] == 0.0 for c in same["cells"])
+
+    # per-pair noise of +-0.004 moves each mean by much less: it agrees, and the
+    # distribution of the per-pair differences is reported
+    noisy = base.copy()
+    noisy["ssim"] += np.random.default_rng(2).uniform(-0.004, 0.004, len(noisy))
+    res = S.agreement(base, noisy)
+    assert res["ok"] and 0 < res["ssim_diff_p50"] < res["ssim_diff_p99"] <= 0.004
+    assert res["max_abs_delta"]["cose"] < 0.005
+
+    # a bias of 0.02 on one cell's consistency rows fails that cell only
+    biased = base.copy()
+    rows = (biased["saliency_method"] == "lime") & biased["transform_type"].isin(GEOMETRIC)
+    biased.loc[rows, "ssim"] -= 0.02
+    res = S.agreement(base, biased)
+    assert not res["ok"]
+    ig, lime = res["cells"]
+    assert ig["delta_overall_consistency"] == 0 and lime["delta_overall_consistency"] > 0.005
+    assert S.agreement(base, biased, tolerance=0.05)["ok"]
+
+
+def test_agreement_class_flips_and_nan():
+    base = _two_cells()
+    flipped = base.copy()
+    flipped.loc[flipped.index[:3], "t_pred_class"] += 1  # 3 of ~2 x 700 pairs
+    res = S.agreement(base, flipped)
+    assert res["class_flips"] == 3 and res["cells"][0]["class_flips"] == 3
+    assert not res["ok"]  # 3 > 0.1% of the first cell's pairs
+    assert S.agreement(base, flipped, flips=0.01, tolerance=1.0)["ok"]
+
+    one_nan = base.copy()
+    one_nan.loc[one_nan.index[5], "ssim"] = np.nan
+    res = S.agreement(base, one_nan, tolerance=1.0)
+    assert res["ssim_nan_one_side"] == 1
+
+    # a cell whose COSE is NaN on one side only does not agree
+    nan_cell = base.copy()
+    nan_cell.loc[nan_cell["saliency_method"] == "ig", "ssim"] = np.nan
+    assert not S.agreement(base, nan_cell, tolerance=1.0)["ok"]
+    assert S.agreement(nan_cell, nan_cell)["ok"]  # NaN on both sides: the same number
+
+
+def test_agreement_refuses_other_pairs():
+    base = _two_cells()
+    with pytest.raises(ValueError, match="agreement: the tables hold different pairs"):
+        S.agreement(base, base.iloc[1:])
+    other = base.copy()
+    other.loc[0, "test_idx"] = 999
+    with pytest.raises(ValueError, match="different pairs"):
+        S.agreement(base, other)
+    with pytest.raises(ValueError, match="agreement"):
+        S.agreement(base.drop(columns=["transform_magnitude"]), base)

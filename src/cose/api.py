@@ -300,7 +300,7 @@ def evaluate(
     dataset: str = "custom",
     model_name: str | None = None,
     progress: bool | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     noise_floor: bool = True,
 ) -> Evaluation:
     """COSE of saliency ``methods`` on ``model`` for ``images`` (float ``[N,C,H,W]`` in [0,1],
@@ -317,7 +317,8 @@ def evaluate(
     ``batch_size`` bounds images per model call, ``chunk_size`` images per work unit
     (memory). ``ids`` name the images (default 0..N-1; the draws depend on them, not on the
     chunking). ``progress``: a progress bar with ETA (default: on unless ``CI`` / quiet /
-    stderr is not a terminal). ``precision``: of the saliency passes, ``"fp32"`` (default),
+    stderr is not a terminal). ``precision``: of the saliency passes, ``"auto"`` (default: per
+    method the fastest precision validated for it, else fp32), ``"fp32"``, ``"reference"``,
     ``"tf32"`` or ``"bf16"`` (:mod:`cose.precision`; predictions stay fp32). ``noise_floor``:
     for a stochastic method (SmoothGrad, LIME), add the ``seed`` variant, the same image and
     model explained with another seed (the method's self-consistency ceiling; as

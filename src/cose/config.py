@@ -173,7 +173,7 @@ class ExplainConfig:
     shard_size: int = 4
     batch_size: int = 256
     sample_maps: int = 2
-    precision: str = "fp32"
+    precision: str = "auto"  # cose.precision: auto = the fastest validated per method
     # shared: the same seeded images for every model; reference: the official numpy stream
     # (per model, end index inclusive), see cose.selection
     # stochastic methods (SmoothGrad, LIME, ...) also explain each image once more with another
@@ -379,10 +379,9 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
     _check_positive("explain.sample_maps", e.sample_maps, allow_zero=True)
     _check_positive("explain.seed", e.seed, allow_zero=True)
     _check_names("explain.transforms", e.transforms, TRANSFORM_NAMES)
-    if e.precision not in PRECISIONS:
-        raise ConfigError(
-            f"explain.precision: got {e.precision!r}; allowed: {', '.join(PRECISIONS)}"
-        )
+    if e.precision not in (spec.AUTO_PRECISION, *PRECISIONS):
+        raise ConfigError(f"explain.precision: got {e.precision!r}; allowed: "
+                          f"{', '.join((spec.AUTO_PRECISION, *PRECISIONS))}")
     _check_selection(cfg, check_registries)
     for method, settings in e.settings.items():
         if not spec.is_method(method):

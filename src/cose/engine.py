@@ -267,7 +267,7 @@ def explain_unit(
     settings: dict | None = None,
     batch_size: int = 256,
     keep_samples: int = 0,
-    precision: str = "fp32",
+    precision: str = "auto",
     draws: Mapping[str, torch.Tensor] | None = None,
     noise_floor: bool = False,
 ) -> UnitResult:
@@ -278,7 +278,8 @@ def explain_unit(
     invert, score), and only the scores (and the maps of the first ``keep_samples`` images)
     are kept. The batches, and so the numbers, are the same as for one call over all variants.
 
-    ``precision`` (:mod:`cose.precision`): of the saliency passes; everything else
+    ``precision`` (:mod:`cose.precision`; ``auto``: the fastest validated for ``method``): of
+    the saliency passes; everything else
     (predictions, transforms, similarity) runs in fp32. ``draws``: the magnitudes of each
     signed transform, ``[B, k]`` (``explain.selection: reference``); by default each image's
     come from its own seeded generator (:func:`draw_magnitudes`). ``noise_floor``: add the
@@ -288,7 +289,7 @@ def explain_unit(
     The steps: predict and map the originals; build the variants; stream the transformed
     ones through predict, map, invert and score; map the model variants on the originals;
     assemble the table."""
-    P.check(precision)
+    precision = P.resolve(precision, method)
     settings = settings or {}
     B, _, H, W = images01.shape
     dev = images01.device

@@ -65,7 +65,7 @@ class Options:
     seed: int = 0
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     batch_size: int = 256
-    precision: str = "fp32"
+    precision: str = "auto"
     noise_floor: bool = True  # the "seed" variant, for the stochastic methods
     sample_maps: int = 2  # maps kept of the first images (of a method's first chunk)
 

@@ -45,6 +45,9 @@ __all__ = [
     "transform_family",
     "score",
     "summarize",
+    "agreement",
+    "AGREEMENT_TOLERANCE",
+    "AGREEMENT_FLIPS",
     "breakdown_by_transform",
     "breakdown_by_magnitude",
     "read_reference_outputs",
@@ -259,6 +262,77 @@ def summarize(pairs: pd.DataFrame, column: str = "ssim", nan: str = "skip") -> p
     if not rows:
         return pd.DataFrame(columns=cols)
     return _group_order(pd.DataFrame(rows, columns=cols))
+
+
+# --------------------------------------------------------------------------- agreement
+
+#: largest per-cell |delta| of COSE, consistency and sensitivity for two runs to agree
+AGREEMENT_TOLERANCE = 0.005
+#: largest fraction of pairs whose original or variant class may differ
+AGREEMENT_FLIPS = 0.001
+_PAIR_KEYS = ("test_idx", "transform_type", "transform_magnitude")
+
+
+def agreement(base: pd.DataFrame, other: pd.DataFrame, *, column: str = "ssim",
+              tolerance: float = AGREEMENT_TOLERANCE, flips: float = AGREEMENT_FLIPS) -> dict:
+    """Whether ``other`` reports the same COSE as ``base``: two per-pair tables of the same
+    images and variants (one run in fp32, one at another precision, device or library
+    version), compared by what a user reads.
+
+    Per cell (dataset, model, saliency_method where the tables have them): |delta| of COSE,
+    overall consistency and sensitivity, each <= ``tolerance``; the class flips (pairs whose
+    ``pred_class`` or ``t_pred_class`` differ) <= ``flips`` of the pairs; the per-pair
+    |delta ``column``| distribution (p50, p99, max over the pairs finite in both) and the
+    pairs NaN on one side only, as information. A delta where both sides are NaN is 0; NaN on
+    one side only fails. Returns ``{"ok", "cells": [...], "pairs", "class_flips",
+    "flip_fraction", "max_abs_delta": {metric: value}, "<column>_diff_p50" / "_p99" /
+    "_max", "<column>_nan_one_side", "tolerance", "flips"}``."""
+    keys = [k for k in GROUP_COLUMNS if k in base.columns and k in other.columns]
+    order = keys + list(_PAIR_KEYS)
+    _require(base, order, "agreement")
+    _require(other, order, "agreement")
+    a = base.sort_values(order, kind="stable").reset_index(drop=True)
+    b = other.sort_values(order, kind="stable").reset_index(drop=True)
+    if len(a) != len(b) or not a[order].astype(str).equals(b[order].astype(str)):
+        raise ValueError("agreement: the tables hold different pairs (images, variants or "
+                         "cells); compare runs of the same unit")
+    flipped = ((a["pred_class"].to_numpy() != b["pred_class"].to_numpy())
+               | (a["t_pred_class"].to_numpy() != b["t_pred_class"].to_numpy()))
+    cells, worst = [], {m: 0.0 for m in ("cose", "overall_consistency", "sensitivity")}
+    ok = True
+    groups = a.groupby(keys, sort=False).groups if keys else {(): a.index}
+    for cell, idx in groups.items():
+        sa, sb = score(a.loc[idx], column), score(b.loc[idx], column)
+        row: dict = dict(zip(keys, cell if isinstance(cell, tuple) else (cell,)))
+        for m in worst:
+            x, y = sa[m], sb[m]
+            d = 0.0 if (math.isnan(x) and math.isnan(y)) else abs(x - y)
+            row[f"delta_{m}"] = d  # NaN on one side: NaN, which fails
+            worst[m] = max(worst[m], d) if not math.isnan(d) else float("nan")
+            ok = ok and d <= tolerance
+        n_flip = int(flipped[idx].sum())
+        row.update(pairs=int(len(idx)), class_flips=n_flip, cose=sa["cose"],
+                   cose_other=sb["cose"], n_pairs_scored=sa["n_overall_consistency"]
+                   + sa["n_overall_fidelity"])
+        ok = ok and n_flip <= flips * len(idx)
+        cells.append(row)
+    x = pd.to_numeric(a[column], errors="coerce").to_numpy(float)
+    y = pd.to_numeric(b[column], errors="coerce").to_numpy(float)
+    both = np.isfinite(x) & np.isfinite(y)
+    diff = np.abs(x[both] - y[both])
+
+    def q(p: float) -> float | None:
+        return float(np.percentile(diff, p)) if diff.size else None
+
+    n_flip = int(flipped.sum())
+    return {
+        "ok": bool(ok), "cells": cells, "pairs": int(len(a)), "class_flips": n_flip,
+        "flip_fraction": n_flip / len(a) if len(a) else 0.0, "max_abs_delta": worst,
+        f"{column}_diff_p50": q(50), f"{column}_diff_p99": q(99),
+        f"{column}_diff_max": float(diff.max()) if diff.size else None,
+        f"{column}_nan_one_side": int((np.isfinite(x) != np.isfinite(y)).sum()),
+        "tolerance": tolerance, "flips": flips,
+    }
 
 
 # --------------------------------------------------------------------------- breakdowns

@@ -23,7 +23,7 @@ __all__ = [
     "method", "is_method", "method_display", "method_order", "reference_method_dirs",
     "check_settings", "GEOMETRIC", "PHOTOMETRIC", "TRANSFORMS", "SIGNED", "UNSIGNED",
     "MAX_MAGNITUDE", "PRECISIONS", "display_dataset", "display_model", "reference_model_names",
-    "PUBLISHED_MODELS",
+    "PUBLISHED_MODELS", "AUTO_PRECISION",
 ]
 
 # --------------------------------------------------------------------------- settings
@@ -283,8 +283,10 @@ UNSIGNED: tuple[str, ...] = tuple(t for t in TRANSFORMS if t not in MAX_MAGNITUD
 
 # --------------------------------------------------------------------------- precisions
 
-#: numeric precision of the saliency passes (cose.precision)
-PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+#: numeric precision of the saliency passes (cose.precision), slowest and most exact first
+PRECISIONS: tuple[str, ...] = ("fp32", "reference", "tf32", "bf16")
+#: explain.precision's default: per method, the fastest precision validated for it (else fp32)
+AUTO_PRECISION = "auto"
 
 # --------------------------------------------------------------------------- heads
 

@@ -20,15 +20,26 @@ from cose import spec as _spec
 from cose.saliency import _core, blur_ig, gradcam, gradcampp, guided_ig, ig, lime, smoothgrad
 
 __all__ = [
-    "METHODS", "Method", "defaults", "explain", "get", "passes_model", "register", "registered",
+    "METHODS", "Method", "auto_batch_size", "defaults", "explain", "get", "passes_model",
+    "register", "registered",
 ]
 
 #: the reference's seven methods (cose.spec.BUILTIN_METHODS)
 METHODS = _spec.BUILTIN_METHODS
 
-# model inputs per call; None = by device: AUTO_BATCH_SIZE[device type], else "other"
+# model inputs per call; None = by device and method kind: auto_batch_size
 DEFAULT_BATCH_SIZE = None
 AUTO_BATCH_SIZE = {"cpu": 32, "other": 64}
+#: the same for forward-only methods (kind "perturbation": LIME), whose calls hold no autograd
+#: graph: larger batches (LIME's 1000 perturbations per map in few calls) off the CPU
+AUTO_FORWARD_BATCH_SIZE = {"cpu": 32, "other": 256}
+
+
+def auto_batch_size(method: str, device_type: str) -> int:
+    """Model inputs per call of ``method`` on ``device_type`` when its batch_size is null."""
+    kind = _spec.method(method).kind
+    table = AUTO_FORWARD_BATCH_SIZE if kind == "perturbation" else AUTO_BATCH_SIZE
+    return table.get(device_type, table["other"])
 
 
 @dataclass(frozen=True)
@@ -143,7 +154,7 @@ def explain(
         x = x.clone()
     t, max_target = _core.check_targets(targets, x.shape[0], dev)
     if params.get("batch_size", 0) is None:
-        params["batch_size"] = AUTO_BATCH_SIZE.get(dev.type, AUTO_BATCH_SIZE["other"])
+        params["batch_size"] = auto_batch_size(method, dev.type)
     with _core.guarded(model):
         run = passes_model(method, model, x)
         maps = spec.fn(run, x, t, max_target, **params)

@@ -88,6 +88,68 @@ def segment(image_hwc: np.ndarray, random_seed: int, kernel_size: float = KERNEL
     return seg(img)
 
 
+def _forward_streamed(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+                      max_target: int, ready, batch_size: int):
+    """The target-class probability of each distinct perturbation of each image, as images
+    arrive from ``ready`` (in order: (RandomState, segments, on/off rows) each): their
+    rows are queued and go through the model ``batch_size`` at a time, a batch spanning
+    images as over one concatenation of all rows. A perturbation that occurs twice is
+    evaluated once (with few superpixels - small images - most of the samples repeat; with
+    ~50, none do). Returns the states, segments, on/off rows, the inverse of each image's
+    unique rows and each image's probabilities (float64, on the model's device)."""
+    dev = x.device
+    H, W = x.shape[-2:]
+    states, segs, datas, inverse, probs = [], [], [], [], []
+    queue: list[tuple[int, torch.Tensor, int]] = []  # (image, its unique rows, first row)
+    queued = 0
+
+    def run(rows: int) -> None:
+        """The first ``rows`` queued perturbations through the model, as one batch."""
+        nonlocal queued
+        inputs, where, take = [], [], rows
+        while take:
+            i, onoff, lo = queue[0]
+            n = min(take, onoff.shape[0] - lo)
+            seg = segs_dev[i]
+            keep = torch.gather(onoff[lo : lo + n], 1, seg.expand(n, -1))
+            inputs.append(x[i] * keep.view(n, 1, H, W).to(x.dtype))
+            where.append((i, lo, lo + n))
+            take -= n
+            if lo + n == onoff.shape[0]:
+                queue.pop(0)
+            else:
+                queue[0] = (i, onoff, lo + n)
+        queued -= rows
+        with torch.inference_mode():
+            logits = model(torch.cat(inputs))
+            _core.check_num_classes(logits, max_target)
+            p = torch.softmax(logits.float(), dim=1)
+            idx = torch.cat([targets[i].view(1).expand(hi - lo) for i, lo, hi in where])
+            p = p.gather(1, idx.view(-1, 1).to(dev))[:, 0].double()
+        k = 0
+        for i, lo, hi in where:
+            probs[i][lo:hi] = p[k : k + hi - lo]
+            k += hi - lo
+
+    segs_dev: list[torch.Tensor] = []
+    for i, (rs, seg, data) in enumerate(ready):
+        states.append(rs)
+        segs.append(seg)
+        datas.append(data)
+        u, inv = np.unique(data, axis=0, return_inverse=True)
+        inverse.append(inv.reshape(-1))
+        segs_dev.append(torch.from_numpy(seg.astype(np.int64)).to(dev).view(1, H * W))
+        onoff = torch.from_numpy(u.astype(np.uint8)).to(dev)
+        probs.append(torch.empty(u.shape[0], dtype=torch.float64, device=dev))
+        queue.append((i, onoff, 0))
+        queued += u.shape[0]
+        while queued >= batch_size:
+            run(batch_size)
+    if queued:
+        run(queued)
+    return states, segs, datas, inverse, probs
+
+
 def compute(
     model: nn.Module,
     images: torch.Tensor,
@@ -108,7 +170,6 @@ def compute(
     x = images.detach().float()
     B, C, H, W = x.shape
     ks, md = segmentation_settings(H, W, kernel_size, max_dist)
-    dev = x.device
     hwc = x.permute(0, 2, 3, 1).cpu().numpy()  # float32, as the reference segments it
 
     def prepare(i):
@@ -121,52 +182,32 @@ def compute(
         data[0, :] = 1
         return rs, seg, data
 
-    # quickshift runs without the GIL: segment the images on parallel threads (each image has
-    # its own RandomState, so the result does not depend on the scheduling)
+    # quickshift runs without the GIL: the images are segmented on parallel threads (each has
+    # its own RandomState, so nothing depends on the scheduling) while the model already runs
+    # the perturbations of the images segmented so far: the forward batches are the same
+    # batch_size rows, in the same order, as over all images at once
     workers = min(B, max(1, torch.get_num_threads()))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            prepared = list(pool.map(prepare, range(B)))
-    else:
-        prepared = [prepare(i) for i in range(B)]
-    states, segs, datas = (list(v) for v in zip(*prepared))
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        if pool is not None:
+            futures = [pool.submit(prepare, i) for i in range(B)]
+            ready = (f.result() for f in futures)
+        else:
+            ready = (prepare(i) for i in range(B))
+        states, segs, datas, inverse, probs = _forward_streamed(
+            model, x, targets, max_target, ready, batch_size)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     few = [int(d.shape[1]) for d in datas if d.shape[1] < MIN_SEGMENTS]
     if few:
         warnings.warn(
             f"LIME: {len(few)} of {B} images have fewer than {MIN_SEGMENTS} superpixels "
             f"({min(few)} at least): their maps are (nearly) constant; lower "
             f"explain.settings.lime.kernel_size / max_dist (now {ks:g} / {md:g})", stacklevel=2)
-
-    # a perturbation that occurs twice has one model output: evaluate each distinct on/off row
-    # once (with few superpixels - small images - most of the samples repeat; with ~50, none do)
-    uniq, inverse = [], []
-    for d in datas:
-        u, inv = np.unique(d, axis=0, return_inverse=True)
-        uniq.append(u)
-        inverse.append(inv.reshape(-1))
-    counts = [u.shape[0] for u in uniq]
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    total = int(offsets[-1])
-    f_max = max(d.shape[1] for d in datas)
-    onoff = torch.zeros((total, f_max), dtype=torch.uint8)
-    for i, u in enumerate(uniq):
-        onoff[offsets[i] : offsets[i + 1], : u.shape[1]] = torch.from_numpy(u.astype(np.uint8))
-    onoff = onoff.to(dev)
-    owner = torch.repeat_interleave(torch.arange(B), torch.tensor(counts)).to(dev)
     seg_t = torch.from_numpy(np.stack(segs).astype(np.int64))
-    seg_dev = seg_t.to(dev).view(B, H * W)
-    probs = torch.empty(total, dtype=torch.float64, device=dev)
-
-    with torch.inference_mode():
-        for start, stop in _core.chunks(total, batch_size):
-            i = owner[start:stop]
-            keep = torch.gather(onoff[start:stop], 1, seg_dev[i]).view(-1, 1, H, W).to(x.dtype)
-            logits = model(x[i] * keep)
-            _core.check_num_classes(logits, max_target)
-            p = torch.softmax(logits.float(), dim=1)
-            probs[start:stop] = p.gather(1, targets[i].view(-1, 1))[:, 0].double()
-    probs_np = probs.cpu().numpy()
-    labels = [probs_np[offsets[i] : offsets[i + 1]][inverse[i]] for i in range(B)]
+    probs_np = [p.cpu().numpy() for p in probs]
+    labels = [probs_np[i][inverse[i]] for i in range(B)]
 
     explanations = []
     for i in range(B):

@@ -117,11 +117,15 @@ def plan(cfg: Config) -> list[Unit]:
                 settings = cfg.explain.settings.get(method, {})
                 # a plugin method's or model's own source (its edit recomputes its units only)
                 plugin = _plugin_code(saliency.get(method).fn) + model_code
+                # the precision its passes run at (auto resolved: a change of the validated
+                # table recomputes the units whose precision it changes, and only those)
+                prec = precision.resolve(cfg.explain.precision, method)
                 for shard in range(math.ceil(len(sel) / cfg.explain.shard_size)):
                     start = shard * cfg.explain.shard_size
                     stop = min(start + cfg.explain.shard_size, len(sel))
                     blob = json.dumps(
-                        {"seed": cfg.seed, "explain": explain, "dataset": dataset,
+                        {"seed": cfg.seed, "explain": {**explain, "precision": prec},
+                         "dataset": dataset,
                          "model": model, "method": method, "settings": settings,
                          "images": [[i, *digests[i]] for i in sel.test_idx[start:stop]],
                          "draws": {t: d[start:stop].tolist() for t, d in sel.draws.items()},
@@ -417,7 +421,8 @@ def run(cfg: Config, backend: str | None = None) -> None:
     })
     for (dataset, model, method), df in tables.items():
         run_ = journal.run(f"{dataset}/{model}/{method}", f"explain {dataset}/{model}/{method}")
-        run_.log_params({"dataset": dataset, "model": model, "saliency_method": method})
+        run_.log_params({"dataset": dataset, "model": model, "saliency_method": method,
+                         "precision": precision.resolve(cfg.explain.precision, method)})
         run_.log_params(cfg.explain.settings.get(method, {}), prefix="settings.")
         # what this stage computes: the pairs and their time (COSE is compile's metric)
         span = spans.get((dataset, model, method))
