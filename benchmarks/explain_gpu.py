@@ -8,7 +8,9 @@ What it measures, per (model, method, precision), in one run (docs/gpu.md):
 
 - ours: seconds per map of `cose.engine.explain_unit` on a unit of n images (--images: by
   default a full unit of the paper presets' shard_size, 50 images, for the CAMs, 16 for IG,
-  SmoothGrad and BlurIG, 4 for GuidedIG and LIME) with every variant the pipeline makes (13 transforms, 6 magnitudes, the random-init model, --checkpoints checkpoint
+  SmoothGrad, BlurIG and GuidedIG (GuidedIG at 20 of its 200 steps, each step the same
+  batched call; its s/map scaled by 10 for the projection), 4 for LIME) with every variant the
+  pipeline makes (13 transforms, 6 magnitudes, the random-init model, --checkpoints checkpoint
   models; about 60 maps per image), maps, predictions and SSIM/Spearman included; every model
   is built once, before the timing, and the unit is warmed up on a cut-down variant set first;
 - reference: seconds per map of the reference call pattern, reusing benchmarks/saliency_speed.py
@@ -132,11 +134,17 @@ REF_VARIANTS = (("Rotate", 45.0), ("Brightness", 0.5), ("FlipLR", 0.0), ("Blur",
 EFFICIENCY_PRIOR = {"guided_ig": 0.2}
 EFFICIENCY_PRIOR_OTHER = 0.4
 #: images of a measured unit, per method: a full unit of the paper presets' shard_size for the
-#: CAMs, never fewer than 16 for the other cheap methods, a stated fraction (4 of 50) for the
-#: two that cost 10-30x more per map (4 images x 48 transform variants still make batches of
-#: 192 rows per model call; on an H200 at fp32 one such unit of ViT-B/16 is 4-6 minutes)
+#: CAMs, never fewer than 16 for the gradient methods, a stated fraction (4 of 50) for LIME,
+#: which costs 1000 forward passes per map (on an H200 at fp32 a 4-image unit of ViT-B/16 is
+#: about 5 minutes)
 UNIT_IMAGES = {"gradcam": 50, "gradcampp": 50, "ig": 16, "smoothgrad": 16, "blur_ig": 16,
-               "guided_ig": 4, "lime": 4}
+               "guided_ig": 16, "lime": 4}
+#: GuidedIG is measured on 16 images with 20 of its 200 steps: every step is the same batched
+#: gradient call (16 images x 48 transform variants, then 16 images per model variant), so the
+#: per-pass rate, and so the % of the limit, is that of the full path, at a tenth of the cost;
+#: its s/map is scaled by 200 / 20 for the projection (--full-steps: the paper's 200). LIME
+#: keeps its 1000 samples: 4 images already make calls of thousands of perturbations.
+BENCH_SETTINGS = {"guided_ig": {"steps": 20}}
 MIN_CHEAP_IMAGES = 16
 EXPENSIVE = ("guided_ig", "lime")
 
@@ -467,8 +475,9 @@ def parse(argv):
     ap.add_argument("--models", default="resnet50,vit_b16", help="cose model names, comma list")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--images", default="auto",
-                    help="images per unit: auto (50 CAMs, 16 IG/SmoothGrad/BlurIG, 4 GuidedIG/"
-                         "LIME), N, or method=N,... (cheap methods at least 16)")
+                    help="images per unit: auto (50 CAMs, 16 IG/SmoothGrad/BlurIG/GuidedIG, 4 "
+                         "LIME), N, or method=N,... (gradient methods but GuidedIG at least "
+                         "16)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--precision", default="fp32", help="comma list of fp32, tf32, bf16")
     ap.add_argument("--checkpoints", type=int, default=10, help="checkpoint models per unit")
@@ -485,6 +494,8 @@ def parse(argv):
     ap.add_argument("--limit-iters", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=360.0, help="wall-clock budget, seconds")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--full-steps", action="store_true",
+                    help="GuidedIG at its 200 steps (default: 20, scaled for the projection)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU, demo_resnet at 32 px, 2 images, reduced steps: a functional check")
     ap.add_argument("--json", type=Path, default=None)
@@ -524,8 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     ref_methods = (set() if args.ref_methods == "none" else set(args.ref_methods.split(","))
                    if args.ref_methods else set(METHODS))
     settings_base = {"batch_size": args.saliency_batch} if args.saliency_batch else {}
+    reduced = {} if args.full_steps else BENCH_SETTINGS
     settings = {
-        m: {**(SMOKE_SETTINGS.get(m, {}) if args.smoke else {}), **settings_base} for m in methods
+        m: {**(SMOKE_SETTINGS.get(m, {}) if args.smoke else reduced.get(m, {})),
+            **settings_base} for m in methods
     }
     sal_batch = args.saliency_batch or saliency.auto_batch_size("ig", device.type)
     images_for = images_per_method(args.images, methods, args.smoke)
@@ -761,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
                 "images": n, "maps": maps,
                 "maps_per_image": maps // n, "ours_s": round(dt, 4),
                 "ours_s_per_map": s_map, "passes_per_map": passes,
+                # at the method's own settings (the paper's), for the projection: s/map
+                # scaled by the passes (the per-map fixed costs scale too: conservative)
+                "paper_passes_per_map": passes_per_map(method, settings_base),
+                "ours_s_per_map_paper": s_map * passes_per_map(method, settings_base) / passes,
                 "limit_kind": kind, "limit_img_s": lm[kind], "pct_of_limit": round(pct, 2),
                 "reference_maps": ref_res["maps"],
                 "reference_s_per_map": ref_res.get("s_per_map"),
@@ -847,7 +864,7 @@ def project(rows, model_names, precisions, methods) -> list[dict]:
             got = {r["method"]: r for r in rows if r["model"] == name and r["precision"] == prec}
             if not got:
                 continue
-            ours = sum(paper_maps(m) * r["ours_s_per_map"] for m, r in got.items()) / 3600
+            ours = sum(paper_maps(m) * r["ours_s_per_map_paper"] for m, r in got.items()) / 3600
             refs = [r for r in got.values() if r["reference_s_per_map"]]
             ref = sum(paper_maps(r["method"]) * r["reference_s_per_map"] for r in refs) / 3600
             grid = PAPER_MODELS * PAPER_DATASETS
@@ -882,7 +899,7 @@ def project_auto(rows, model_names, methods, validated_pairs, fast) -> list[dict
         done = {m: r for m, r in got.items() if r is not None}
         if not done:
             continue
-        ours = sum(paper_maps(m) * r["ours_s_per_map"] for m, r in done.items()) / 3600
+        ours = sum(paper_maps(m) * r["ours_s_per_map_paper"] for m, r in done.items()) / 3600
         grid = PAPER_MODELS * PAPER_DATASETS
         out.append({
             "model": name, "precision": "auto", "chosen": chosen,

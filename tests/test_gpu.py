@@ -157,7 +157,8 @@ def test_unit_sizes_and_the_planner():
     auto = bench.images_per_method("auto", list(saliency.METHODS))
     assert auto["gradcam"] == auto["gradcampp"] == 50  # a full unit of the presets
     assert all(auto[m] >= 16 for m in ("ig", "smoothgrad", "blur_ig"))
-    assert auto["guided_ig"] == auto["lime"] == 4
+    assert auto["guided_ig"] == 16 and auto["lime"] == 4
+    assert bench.BENCH_SETTINGS == {"guided_ig": {"steps": 20}}  # scaled in the projection
     assert bench.images_per_method("ig=32,lime=4", ["ig", "lime"]) == {"ig": 32, "lime": 4}
     assert bench.images_per_method("24", ["ig", "lime"]) == {"ig": 24, "lime": 24}
     with pytest.raises(SystemExit, match="ig=4: cheap methods need at least 16"):

@@ -349,12 +349,18 @@ def test_tracking_outage_finishes_then_cose_log_replays_once(reference, tmp_path
             assert run.data.metrics["pairs"] > 0
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["pairs.parquet"]
 
+        # the stage's run is nested under its pipeline execution's run
+        before = client.search_runs([exp.experiment_id], max_results=1000)
+        parents = [r for r in before if r.data.tags.get("cose.stage") == "pipeline"]
+        assert [r.info.run_id for r in parents] == [root.data.tags["mlflow.parentRunId"]]
+        assert {r.info.run_id for r in before} == {r.info.run_id for r in [*runs, *parents]}
+
         # replaying the same journal again adds nothing
         (pending / journals[0].name).write_bytes(saved)
         res = sh(["cose", "log"], proj, env=env, timeout=300)
         assert "replayed 1 pending log(s); 0 still pending" in res.stdout
         again = client.search_runs([exp.experiment_id], max_results=1000)
-        assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in runs)
+        assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in before)
     finally:
         _stop_server(server)
 
