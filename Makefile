@@ -31,7 +31,7 @@ demo: install
 	@echo
 	@cat results/cose_table.md
 	@echo
-	@echo "dvc.lock and results/*.json are staged for git: commit them with the code to share this run (README, Share results)"
+	@echo "to share this run: git add -A && git commit (dvc.lock, results/*.json), then dvc push (README, Share results)"
 
 ## exp: experiments side by side: the params that differ and COSE per method (README)
 exp: install
