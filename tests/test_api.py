@@ -269,6 +269,22 @@ def test_cli_evaluate_prints_the_table_and_writes_a_report(tmp_path, capsys, mon
     _, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1 and "--model: unknown value 'alexnet'" in err
 
+    # --precision: an explicit precision nobody validated says so; the pairs are the same
+    # (predictions stay fp32); an unknown one is refused by the parser
+    with pytest.warns(UserWarning, match="precision reference: not validated for gradcam"):
+        code = cli.main(["evaluate", "--model", "demo_resnet", "--weights", str(weights),
+                         "--data", str(folder), "--methods", "gradcam", "--images", "4",
+                         "--transforms", "Rotate,FlipLR", "--magnitudes", "1", "--precision",
+                         "reference", "--checkpoint", str(tmp_path / "epoch_002.pt"),
+                         "--out", str(tmp_path / "ref")])
+    assert code == 0
+    ref = pd.read_parquet(tmp_path / "ref" / "pairs.parquet")
+    assert ref.equals(pairs[pairs.saliency_method == "gradcam"].reset_index(drop=True))
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--model", "demo_resnet", "--data", str(folder),
+                  "--precision", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
 
 # --------------------------------------------------------------------------- README example
 

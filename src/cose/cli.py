@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from cose import runtime
+from cose import runtime, spec
 from cose.config import ConfigError
 
 STAGES = ("validate", "train", "explain", "compile")
@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(repeatable)")
     ev.add_argument("--no-random-model", action="store_true",
                     help="skip the random-init model variant")
+    ev.add_argument("--precision", default="auto",
+                    choices=(spec.AUTO_PRECISION, *spec.PRECISIONS),
+                    help="of the saliency passes (default auto: per method the fastest "
+                         "validated, else fp32; docs/gpu.md)")
     ev.add_argument("--bootstrap", type=int, default=1000,
                     help="resamples of the images behind each interval (default 1000; 0: none)")
     ev.add_argument("--out", default=None, metavar="DIR",
@@ -315,6 +319,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         normalize=args.model if registered else "imagenet", random_model=random_model,
         checkpoints=ckpts, magnitudes=args.magnitudes, seed=args.seed,
         settings=_settings(args.setting), batch_size=args.batch_size, ids=ids,
+        precision=args.precision,
         dataset=Path(args.data).resolve().name, model_name=builder.name, **kwargs)
     from cose import uncertainty
 
