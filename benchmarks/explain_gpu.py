@@ -945,23 +945,28 @@ def recommendations(rows, model_names, precisions) -> list[dict]:
     return out
 
 
+#: a validated precision replaces fp32 in `auto` only when it is at least this much faster
+#: (a tie within the run-to-run noise keeps the exact one)
+FASTER_BY = 0.05
+
+
 def fastest(rows, validated_pairs, model_names, methods) -> dict[str, str]:
-    """Per method, the precision `auto` should run: of fp32 and the validated candidates, the
-    one with the least s/map summed over the models (measured on every model); the candidate
-    for `cose.precision.FASTEST`."""
+    """Per method, the precision `auto` should run: of the validated candidates at least
+    FASTER_BY faster than fp32 (s/map summed over the models, measured on every model), the
+    fastest, else fp32; the candidate for `cose.precision.FASTEST`."""
     table = {tuple(v) for v in validated_pairs}
     out = {}
     for m in methods:
-        best = None
+        times = {}
         for prec in ["fp32", *(p for p, m2 in table if m2 == m)]:
             got = [r for r in rows if r["method"] == m and r["precision"] == prec]
-            if {r["model"] for r in got} != set(model_names):
-                continue
-            t = sum(r["ours_s_per_map"] for r in got)
-            if best is None or t < best[0]:
-                best = (t, prec)
-        if best is not None:
-            out[m] = best[1]
+            if {r["model"] for r in got} == set(model_names):
+                times[prec] = sum(r["ours_s_per_map"] for r in got)
+        if "fp32" not in times:
+            continue
+        limit = (1 - FASTER_BY) * times["fp32"]
+        faster = {p: t for p, t in times.items() if p != "fp32" and t <= limit}
+        out[m] = min(faster, key=faster.get) if faster else "fp32"
     return out
 
 
