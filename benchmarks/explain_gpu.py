@@ -74,7 +74,7 @@ from cose import models as M
 from cose import precision as P
 from cose import saliency, scoring, spec
 from cose import transforms as T
-from cose.engine import UnitResult, explain_unit
+from cose.engine import UnitResult, explain_unit, predict
 
 HERE = Path(__file__).resolve().parent
 
@@ -578,8 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{name} at {args.size} px: {e}") from None
         bundles[name] = b
         with torch.no_grad(), P.flags("fp32"):  # its own predictions: every pair is scored
-            labels_of[name] = torch.cat([b.model(M.normalize(c, name)).argmax(1)
-                                         for c in images01.split(args.limit_batch)])
+            labels_of[name] = predict(b.model, M.normalize(images01, name), args.limit_batch)
         for p in precisions:
             limits[(name, p)] = limits_for(b, p, args.size, device, args.limit_batch,
                                            args.limit_iters)
@@ -706,7 +705,6 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append({"model": name, "method": method, "precision": p,
                                 "reason": reason})
             continue
-        share = need
         print(f"{name} {method}: {images_for[method]} images, predicted {need:.0f} s of "
               f"{remaining:.0f} s left (at {now - t_start:.0f} s)", flush=True)
 
@@ -722,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
                 layer, reshape = M.cam_layer(b.reference_model)
                 ref = SP.Reference(b.reference_model, device, layer, reshape)
                 xs = reference_inputs(images01, n_ref, norm)
-                ref_res = measure_reference(ref, method, xs, n_ref, max(0.2 * share, guess),
+                ref_res = measure_reference(ref, method, xs, n_ref, max(0.2 * need, guess),
                                             deadline, guess, device)
             except ImportError as e:
                 ref_cut = f"reference not measured: {e}"

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-random-model", action="store_true",
                     help="skip the random-init model variant")
     ev.add_argument("--precision", default="auto",
-                    choices=(spec.AUTO_PRECISION, *spec.PRECISIONS),
+                    choices=spec.PRECISION_CHOICES,
                     help="of the saliency passes (default auto: per method the fastest "
                          "validated, else fp32; docs/gpu.md)")
     ev.add_argument("--bootstrap", type=int, default=1000,

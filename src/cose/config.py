@@ -379,9 +379,9 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
     _check_positive("explain.sample_maps", e.sample_maps, allow_zero=True)
     _check_positive("explain.seed", e.seed, allow_zero=True)
     _check_names("explain.transforms", e.transforms, TRANSFORM_NAMES)
-    if e.precision not in (spec.AUTO_PRECISION, *PRECISIONS):
+    if e.precision not in spec.PRECISION_CHOICES:
         raise ConfigError(f"explain.precision: got {e.precision!r}; allowed: "
-                          f"{', '.join((spec.AUTO_PRECISION, *PRECISIONS))}")
+                          f"{', '.join(spec.PRECISION_CHOICES)}")
     _check_selection(cfg, check_registries)
     for method, settings in e.settings.items():
         if not spec.is_method(method):

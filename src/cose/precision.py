@@ -38,7 +38,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from cose.spec import AUTO_PRECISION, PRECISIONS  # the names live in cose.spec
+from cose.spec import AUTO_PRECISION, PRECISION_CHOICES, PRECISIONS  # names: cose.spec
 
 __all__ = [
     "AUTO", "FASTEST", "PRECISIONS", "VALIDATED", "Autocast", "check", "flags", "resolve", "unvalidated",
@@ -68,7 +68,7 @@ _TF32 = {"fp32": (False, False), "reference": (False, True), "tf32": (True, True
 
 def check(precision: str, *, auto: bool = False) -> str:
     """``precision`` if it is a precision name (or ``auto``, where allowed), else ValueError."""
-    allowed = (AUTO, *PRECISIONS) if auto else PRECISIONS
+    allowed = PRECISION_CHOICES if auto else PRECISIONS
     if precision not in allowed:
         raise ValueError(f"precision: got {precision!r}; allowed: {', '.join(allowed)}")
     return precision

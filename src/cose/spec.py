@@ -23,7 +23,7 @@ __all__ = [
     "method", "is_method", "method_display", "method_order", "reference_method_dirs",
     "check_settings", "GEOMETRIC", "PHOTOMETRIC", "TRANSFORMS", "SIGNED", "UNSIGNED",
     "MAX_MAGNITUDE", "PRECISIONS", "display_dataset", "display_model", "reference_model_names",
-    "PUBLISHED_MODELS", "AUTO_PRECISION",
+    "PUBLISHED_MODELS", "AUTO_PRECISION", "PRECISION_CHOICES",
 ]
 
 # --------------------------------------------------------------------------- settings
@@ -287,6 +287,8 @@ UNSIGNED: tuple[str, ...] = tuple(t for t in TRANSFORMS if t not in MAX_MAGNITUD
 PRECISIONS: tuple[str, ...] = ("fp32", "reference", "tf32", "bf16")
 #: explain.precision's default: per method, the fastest precision validated for it (else fp32)
 AUTO_PRECISION = "auto"
+#: what explain.precision, cose.evaluate and `cose evaluate --precision` accept
+PRECISION_CHOICES: tuple[str, ...] = (AUTO_PRECISION, *PRECISIONS)
 
 # --------------------------------------------------------------------------- heads
 

@@ -553,7 +553,8 @@ def _pipeline_run(client: Any, exp_id: str, journal: Journal) -> str:
 
 
 def _extend(client: Any, run_id: str, journal: Journal) -> None:
-    """The pipeline run spans its stages: its start and end are their earliest and latest."""
+    """The pipeline run spans its stages: it starts with the first stage to log (its creator)
+    and ends with the latest one."""
     info = client.get_run(run_id).info
     end = max(info.end_time or 0, journal.root_run.end_ms or _now_ms())
     client.set_terminated(run_id, "FINISHED", end_time=end)

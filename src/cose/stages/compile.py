@@ -46,15 +46,23 @@ def _num(value) -> float | None:
     return None if value is None or pd.isna(value) else round(float(value), 6)
 
 
+def _method_means(summary: pd.DataFrame, means: pd.DataFrame | None) -> pd.DataFrame:
+    """Each method's mean row: ``means`` (with intervals) or the plain mean of its cells."""
+    if means is None:
+        means = summary.groupby("saliency_method", sort=False)["cose"].mean().reset_index()
+    return means
+
+
+def _mean_cose(means: pd.DataFrame) -> dict[str, float | None]:
+    return {r["saliency_method"]: _num(r["cose"]) for r in means.to_dict("records")
+            if pd.notna(r["cose"])}
+
+
 def headline_json(summary: pd.DataFrame, means: pd.DataFrame | None = None) -> dict:
     """The few numbers to compare runs by (``dvc exp show``, ``dvc metrics diff``): each
     method's COSE, the mean over its (dataset, model) cells, and the fewest test images
     behind a cell. The per-cell numbers and intervals are in metrics.json."""
-    if means is None:
-        means = summary.groupby("saliency_method", sort=False)["cose"].mean().reset_index()
-    cose = {r["saliency_method"]: _num(r["cose"]) for r in means.to_dict("records")
-            if pd.notna(r["cose"])}
-    out: dict = {"cose": {m: cose[m] for m in spec.method_order(list(cose))}}
+    out: dict = {"cose": _mean_cose(_method_means(summary, means))}
     if "n_images" in summary.columns and len(summary):
         out["images"] = int(summary["n_images"].min())
     return out
@@ -74,10 +82,8 @@ def metrics_json(summary: pd.DataFrame, accuracies: dict[str, dict[str, float]],
     for dataset, per_model in accuracies.items():
         for model, acc in per_model.items():
             out.setdefault(dataset, {}).setdefault(model, {})["test_accuracy"] = acc
-    if means is None:
-        means = summary.groupby("saliency_method", sort=False)["cose"].mean().reset_index()
-    out["mean_cose"] = {r["saliency_method"]: _num(r["cose"]) for r in means.to_dict("records")
-                        if pd.notna(r["cose"])}
+    means = _method_means(summary, means)
+    out["mean_cose"] = _mean_cose(means)
     if "cose_lo" in means.columns:
         out["mean_cose_interval"] = {
             r["saliency_method"]: [_num(r["cose_lo"]), _num(r["cose_hi"])]
@@ -165,7 +171,7 @@ def _artifact_folder(path: Path) -> str:
 def run(cfg: Config) -> pd.DataFrame:
     journal = Journal.for_config("compile", cfg)  # tracking.required fails before any work
     with common.output_lock("compile", str(common.RESULTS)):
-        summary, written, accuracies = _compile(cfg)
+        summary, written = _compile(cfg)
     for path in written:
         journal.root_run.log_artifact(path, _artifact_folder(path))
     for row in summary.to_dict("records"):
@@ -208,7 +214,7 @@ def _compile(cfg: Config):
     accuracies = train_accuracies(cfg)
     written = write_results(summary, pairs, common.RESULTS, accuracies, means, comparisons)
     written += write_report(cfg, summary, pairs, common.RESULTS, accuracies)
-    return summary, written, accuracies
+    return summary, written
 
 
 def _summary(cfg: Config, pairs: pd.DataFrame) -> pd.DataFrame:
