@@ -7,9 +7,9 @@
 What it measures, per (model, method, precision), in one run (docs/gpu.md):
 
 - ours: seconds per map of `cose.engine.explain_unit` on a unit of n images (--images: by
-  default a full unit of the paper presets' shard_size, 50 images, for the CAMs, 16 for IG,
-  SmoothGrad, BlurIG and GuidedIG (GuidedIG at 20 of its 200 steps, each step the same
-  batched call; its s/map scaled by 10 for the projection), 4 for LIME) with every variant the
+  default a full unit of the paper presets' shard_size, 50 images, for the CAMs and GuidedIG
+  (GuidedIG at 8 of its 200 steps, each step the same batched call; its s/map scaled by 25
+  for the projection), 16 for IG, SmoothGrad and BlurIG, 4 for LIME) with every variant the
   pipeline makes (13 transforms, 6 magnitudes, the random-init model, --checkpoints checkpoint
   models; about 60 maps per image), maps, predictions and SSIM/Spearman included; every model
   is built once, before the timing, and the unit is warmed up on a cut-down variant set first;
@@ -23,7 +23,11 @@ What it measures, per (model, method, precision), in one run (docs/gpu.md):
 - limits: forward+backward to the input and forward-only img/s at --limit-batch
   (saliency_speed.measure_limits), per precision, NCHW and, for conv nets, channels_last (the
   faster counts); % of limit = model passes per map x maps/s over the limit (LIME: forward
-  limit; with its segmentation added to the limit time as well);
+  limit; with its segmentation added to the limit time as well); forward+backward also at
+  batches 16 and 50 (CURVE_BATCHES: what stacking the model variants could gain);
+- in passes: the share of a gradient method's unit time spent inside its model passes
+  (pass_timer: CUDA events around every prob_grad call); the rest is the method's own work
+  (GuidedIG's inner loop, IG's path inputs), predictions, transforms and similarity;
 - precisions: cose.precision, as explain.precision runs them: fp32 (TF32 off for matmul and
   cuDNN), reference (PyTorch's defaults: cuDNN TF32 on, matmul off), tf32 (both on), bf16 (torch.autocast around the model forward through a wrapper
   that returns float32 logits; the wrapper sits around the conv+BN-folded copy for the
@@ -52,6 +56,7 @@ autocast): it exercises every code path in well under a minute. Its numbers are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import importlib
@@ -75,6 +80,7 @@ from cose import precision as P
 from cose import saliency, scoring, spec
 from cose import transforms as T
 from cose.engine import UnitResult, explain_unit, predict
+from cose.saliency import _core
 
 HERE = Path(__file__).resolve().parent
 
@@ -138,13 +144,19 @@ EFFICIENCY_PRIOR_OTHER = 0.4
 #: which costs 1000 forward passes per map (on an H200 at fp32 a 4-image unit of ViT-B/16 is
 #: about 5 minutes)
 UNIT_IMAGES = {"gradcam": 50, "gradcampp": 50, "ig": 16, "smoothgrad": 16, "blur_ig": 16,
-               "guided_ig": 16, "lime": 4}
-#: GuidedIG is measured on 16 images with 20 of its 200 steps: every step is the same batched
-#: gradient call (16 images x 48 transform variants, then 16 images per model variant), so the
-#: per-pass rate, and so the % of the limit, is that of the full path, at a tenth of the cost;
-#: its s/map is scaled by 200 / 20 for the projection (--full-steps: the paper's 200). LIME
-#: keeps its 1000 samples: 4 images already make calls of thousands of perturbations.
-BENCH_SETTINGS = {"guided_ig": {"steps": 20}}
+               "guided_ig": 50, "lime": 4}
+#: GuidedIG is measured on a full unit (50 images) with 8 of its 200 steps: every step is the
+#: same batched gradient call (50 images x 48 transform variants in unit batches, then 50 images
+#: per model variant, as in the pipeline), so the per-pass rate is that of the full path at a
+#: 25th of the cost; its s/map is scaled by 200 / 8 for the projection (--full-steps: the
+#: paper's 200). With few steps each step moves further and needs more inner iterations (2.9
+#: per step at 8 or 20 steps, 1.8 at 200, counted on a ResNet-18), so the scaled figure errs
+#: high. LIME keeps its 1000 samples: 4 images already make calls of thousands of perturbations.
+BENCH_SETTINGS = {"guided_ig": {"steps": 8}}
+#: batches at which forward+backward throughput is also measured (beside --limit-batch): the
+#: model variants of a paper unit run 50 images per call, so limit(50) / limit(128) bounds
+#: what running them together (stacked models) could gain
+CURVE_BATCHES = (16, 50)
 MIN_CHEAP_IMAGES = 16
 EXPENSIVE = ("guided_ig", "lime")
 
@@ -251,24 +263,68 @@ def maps_per_image(transforms: tuple[str, ...], magnitudes: int, n_ckpt: int) ->
     return 1 + signed * magnitudes + (len(transforms) - signed) + 1 + n_ckpt
 
 
-def limits_for(bundle: Bundle, precision: str, size: int, device, batch: int, iters: int):
-    """Forward+backward and forward-only img/s at `precision`; channels_last too for convnets."""
+def limits_for(bundle: Bundle, precision: str, size: int, device, batch: int, iters: int,
+               curve: tuple[int, ...] = CURVE_BATCHES):
+    """Forward+backward and forward-only img/s at `precision`; channels_last too for convnets;
+    and forward+backward img/s of the model as built at each batch of `curve` (and `batch`)."""
     out = {}
     variants = [("nchw", bundle.model)]
     if device.type == "cuda" and has_convs(bundle.model):
         variants.append(("channels_last", copy.deepcopy(bundle.model).to(
             memory_format=torch.channels_last)))
+    by_batch: dict[str, float] = {}
     with P.flags(precision):
         for fmt, m in variants:
             run = P.Autocast(m, device.type).eval() if precision == "bf16" else m
             SP.measure_limits(run, size, device, batch, 1)  # warm-up: its one call is not enough
             res = SP.measure_limits(run, size, device, batch, iters)
             out[fmt] = {k: round(v, 2) for k, v in res.items()}
+            if fmt == "nchw":
+                by_batch[str(batch)] = out[fmt]["fwd_bwd_img_s"]
+                for b in (b for b in curve if b != batch):
+                    SP.measure_limits(run, size, device, b, 1)
+                    by_batch[str(b)] = round(
+                        SP.measure_limits(run, size, device, b, iters)["fwd_bwd_img_s"], 2)
     best = {k: max(v[k] for v in out.values()) for k in ("fwd_bwd_img_s", "fwd_img_s")}
     del variants
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"model": bundle.name, "precision": precision, "batch": batch, **best, "formats": out}
+    return {"model": bundle.name, "precision": precision, "batch": batch, **best, "formats": out,
+            "fwd_bwd_img_s_by_batch": dict(sorted(by_batch.items(), key=lambda kv: int(kv[0])))}
+
+
+@contextlib.contextmanager
+def pass_timer(device: torch.device):
+    """Seconds spent inside the gradient methods' model passes (every call of
+    ``cose.saliency._core.prob_grad``: IG, SmoothGrad, BlurIG, GuidedIG) while the block runs,
+    in ``box["s"]`` after it; the rest of a unit's time is the methods' own work (paths,
+    GuidedIG's inner loop), predictions, transforms and similarity. On CUDA each call is
+    bracketed by events, so nothing waits for the device that would not wait anyway."""
+    spans: list = []
+    box: dict[str, float] = {}
+    plain = _core.prob_grad
+
+    def timed(*args, **kwargs):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = plain(*args, **kwargs)
+            end.record()
+            spans.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            out = plain(*args, **kwargs)
+            spans.append(time.perf_counter() - t0)
+        return out
+
+    _core.prob_grad = timed
+    try:
+        yield box
+    finally:
+        _core.prob_grad = plain
+        SP.sync(device)
+        box["s"] = sum(x[0].elapsed_time(x[1]) / 1000 if isinstance(x, tuple) else x
+                       for x in spans)
 
 
 def batch1_latency(model: nn.Module, size: int, device, iters: int = 3) -> float:
@@ -475,8 +531,8 @@ def parse(argv):
     ap.add_argument("--models", default="resnet50,vit_b16", help="cose model names, comma list")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--images", default="auto",
-                    help="images per unit: auto (50 CAMs, 16 IG/SmoothGrad/BlurIG/GuidedIG, 4 "
-                         "LIME), N, or method=N,... (gradient methods but GuidedIG at least "
+                    help="images per unit: auto (50 CAMs and GuidedIG, 16 IG/SmoothGrad/BlurIG, "
+                         "4 LIME), N, or method=N,... (gradient methods but GuidedIG at least "
                          "16)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--precision", default="fp32", help="comma list of fp32, tf32, bf16")
@@ -495,7 +551,7 @@ def parse(argv):
     ap.add_argument("--budget-s", type=float, default=360.0, help="wall-clock budget, seconds")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--full-steps", action="store_true",
-                    help="GuidedIG at its 200 steps (default: 20, scaled for the projection)")
+                    help="GuidedIG at its 200 steps (default: 8, scaled for the projection)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU, demo_resnet at 32 px, 2 images, reduced steps: a functional check")
     ap.add_argument("--json", type=Path, default=None)
@@ -753,12 +809,13 @@ def main(argv: list[str] | None = None) -> int:
             explain_unit(b.model, images01[:1], labels[:1], [0], method, norm,
                          transforms=("FlipLR", "Rotate"), magnitudes=1, settings=warm, **common)
             SP.sync(device)
-            t0 = time.perf_counter()
-            res = explain_unit(b.model, images01[:n], labels[:n], idx_list, method, norm,
-                               transforms=transforms, magnitudes=args.magnitudes, seed=0,
-                               settings=settings[method], keep_samples=keep, **common)
-            SP.sync(device)
-            dt = time.perf_counter() - t0
+            with pass_timer(device) as passes_s:
+                t0 = time.perf_counter()
+                res = explain_unit(b.model, images01[:n], labels[:n], idx_list, method, norm,
+                                   transforms=transforms, magnitudes=args.magnitudes, seed=0,
+                                   settings=settings[method], keep_samples=keep, **common)
+                SP.sync(device)
+                dt = time.perf_counter() - t0
             maps = len(res.pairs) + n  # one pair per variant map, plus the originals
             s_map = dt / maps
             ratios_ours.setdefault((name, prec), []).append(
@@ -777,6 +834,9 @@ def main(argv: list[str] | None = None) -> int:
                 "paper_passes_per_map": passes_per_map(method, settings_base),
                 "ours_s_per_map_paper": s_map * passes_per_map(method, settings_base) / passes,
                 "limit_kind": kind, "limit_img_s": lm[kind], "pct_of_limit": round(pct, 2),
+                # share of the unit's time inside the model passes (gradient methods)
+                "pass_s": round(passes_s["s"], 4) if passes_s["s"] else None,
+                "pass_share": round(passes_s["s"] / dt, 3) if passes_s["s"] else None,
                 "reference_maps": ref_res["maps"],
                 "reference_s_per_map": ref_res.get("s_per_map"),
                 "reference_map_only_s_per_map": ref_res.get("map_only_s_per_map"),
@@ -801,7 +861,9 @@ def main(argv: list[str] | None = None) -> int:
             par = row["parity_vs_fp32"]
             print(
                 f"  {prec}: {n} img x {maps // n} maps, ours {s_map:.5f} s/map "
-                f"({pct:.1f}% of limit)"
+                f"({pct:.1f}% of limit"
+                + (f", {100 * row['pass_share']:.0f}% of it in the passes" if row["pass_share"]
+                   else "") + ")"
                 + (f", reference {row['reference_s_per_map']:.4f} s/map over "
                    f"{row['reference_maps']} maps, speedup {row['speedup']:.1f}x"
                    if row["speedup"] else "")
@@ -990,8 +1052,9 @@ def print_tables(result: dict) -> None:
           f"{meta['unit_batch_size']}, saliency batch {meta['saliency_batch_size']}, limit batch "
           f"{meta['limit_batch']}" + (" — SMOKE, not a result" if meta["smoke"] else ""))
     print("| model | method | precision | images | ours s/map | reference s/map (maps) "
-          "| speedup | % of limit | delta COSE vs fp32 (agrees) | Pearson vs fp32 (min) | notes |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| speedup | % of limit | in passes | delta COSE vs fp32 (agrees) | Pearson vs fp32 (min) "
+          "| notes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         par = r["parity_vs_fp32"]
         pct = _f(r["pct_of_limit"], ".1f")
@@ -1000,16 +1063,19 @@ def print_tables(result: dict) -> None:
         print(f"| {r['model']} | {r['method']} | {r['precision']} | {r['images']} | "
               f"{r['ours_s_per_map']:.5f} | {_f(r['reference_s_per_map'], '.4f')} "
               f"({r['reference_maps']}) | {_f(r['speedup'], '.1f')} | {pct} | "
+              + (f"{100 * r['pass_share']:.0f}% | " if r.get("pass_share") else "- | ")
               + (f"{par['delta_cose']:.4f} ({'yes' if par['cose_agrees'] else 'NO'}) | "
                  if par else "- | ")
               + f"{_f(par['pearson_min'] if par else None, '.4f')} | {'; '.join(r['notes'])} |")
     for s in result["skipped"]:
-        print(f"| {s['model']} | {s['method']} | {s['precision']} | skipped | | | | | | | "
+        print(f"| {s['model']} | {s['method']} | {s['precision']} | skipped | | | | | | | | "
               f"{s['reason']} |")
     print("\nlimits (img/s):")
     for lm in result["limits"]:
         print(f"  {lm['model']} {lm['precision']}: fwd+bwd {lm['fwd_bwd_img_s']:.1f}, "
-              f"fwd {lm['fwd_img_s']:.1f} (batch {lm['batch']}; {sorted(lm['formats'])})")
+              f"fwd {lm['fwd_img_s']:.1f} (batch {lm['batch']}; {sorted(lm['formats'])}); "
+              "fwd+bwd by batch (as built): " + ", ".join(
+                  f"{b}: {v:.1f}" for b, v in lm.get("fwd_bwd_img_s_by_batch", {}).items()))
     print("\npaper grid projection (hours on this device):")
     print("| model | precision | ours h per (dataset, model) | reference h | ours h, 13x5 grid "
           "| reference h, grid | missing methods |")

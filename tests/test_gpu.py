@@ -84,6 +84,10 @@ def test_smoke_run_writes_the_schema(tmp_path):
     for lm in data["limits"]:
         assert _positive(lm["fwd_bwd_img_s"]) and _positive(lm["fwd_img_s"])
         assert _positive(lm["batch"])
+        # forward+backward at the curve's batches and the limit's (the smoke's is 8)
+        curve = lm["fwd_bwd_img_s_by_batch"]
+        assert list(curve) == ["8", "16", "50"] and all(_positive(v) for v in curve.values())
+        assert curve["8"] == lm["formats"]["nchw"]["fwd_bwd_img_s"]
 
     # every method at both precisions, none skipped (the smoke budget is loose)
     assert data["skipped"] == []
@@ -102,6 +106,11 @@ def test_smoke_run_writes_the_schema(tmp_path):
         assert set(r["flags"]) == {"matmul_allow_tf32", "cudnn_allow_tf32"}
         if r["method"] == "lime":
             assert _positive(r["pct_of_limit_with_segmentation"])
+        # the share inside the model passes: for the methods that call prob_grad
+        if r["method"] in ("ig", "smoothgrad", "blur_ig", "guided_ig"):
+            assert 0 < r["pass_share"] < 1 and 0 < r["pass_s"] < r["ours_s"]
+        else:
+            assert r["pass_share"] is None and r["pass_s"] is None
         if r["precision"] == "fp32":
             assert r["parity_vs_fp32"] is None
         else:  # compared with the fp32 run of the same images
@@ -156,10 +165,11 @@ def test_unit_sizes_and_the_planner():
     at the stated size, never every item at one image."""
     bench = _bench()
     auto = bench.images_per_method("auto", list(saliency.METHODS))
-    assert auto["gradcam"] == auto["gradcampp"] == 50  # a full unit of the presets
+    # a full unit of the presets (GuidedIG at 8 of its steps, scaled in the projection)
+    assert auto["gradcam"] == auto["gradcampp"] == auto["guided_ig"] == 50
     assert all(auto[m] >= 16 for m in ("ig", "smoothgrad", "blur_ig"))
-    assert auto["guided_ig"] == 16 and auto["lime"] == 4
-    assert bench.BENCH_SETTINGS == {"guided_ig": {"steps": 20}}  # scaled in the projection
+    assert auto["lime"] == 4
+    assert bench.BENCH_SETTINGS == {"guided_ig": {"steps": 8}}
     assert bench.images_per_method("ig=32,lime=4", ["ig", "lime"]) == {"ig": 32, "lime": 4}
     assert bench.images_per_method("24", ["ig", "lime"]) == {"ig": 24, "lime": 24}
     with pytest.raises(SystemExit, match="ig=4: cheap methods need at least 16"):

@@ -525,3 +525,41 @@ def test_auto_batch_size_by_device_and_kind():
     assert S.auto_batch_size("lime", "cpu") == S.auto_batch_size("ig", "cpu") == 32
     assert S.auto_batch_size("ig", "cuda") == S.auto_batch_size("gradcam", "mps") == 64
     assert S.auto_batch_size("lime", "cuda") == 256
+
+
+class _RowwiseModel(nn.Module):
+    """Logits from elementwise ops and per-row sums only, so every row's float results are
+    the same in any batch: a batched method must then give each image exactly its own map."""
+
+    def __init__(self, features: int, classes: int = 5) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(classes, features, generator=torch.Generator()
+                                          .manual_seed(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.tanh(x.flatten(1))
+        return torch.stack([(f * w).sum(1) for w in self.w], 1)
+
+
+def test_guided_ig_rows_are_independent_exactly():
+    """GuidedIG's inner loop runs over all rows until the last one is done: a row that is done
+    (or equal to the baseline) must come out exactly as when it runs alone, however many more
+    iterations the other rows need."""
+    from cose.saliency import guided_ig
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 12, 12, generator=g)
+    # rows that need 1 to 5 inner iterations per step (counted): heavy-tailed, all of one
+    # magnitude, plain
+    x[0], x[1], x[2] = x[0] ** 5 * 0.1, x[1].sign() * 0.01, x[2] * 3
+    x[3] = 0  # equal to the baseline: a zero attribution, never active
+    x[2, :, :3] = 0  # zero-diff features
+    model = _RowwiseModel(3 * 12 * 12)
+    t = torch.tensor([0, 2, 4, 1])
+    kw = dict(steps=10, fraction=0.1, max_dist=0.02, batch_size=4)
+    full = guided_ig.attribution(model, x, t, 4, **kw)
+    assert torch.equal(full[3], torch.zeros_like(full[3]))
+    for i in range(4):
+        alone = guided_ig.attribution(model, x[i : i + 1], t[i : i + 1], 4, **kw)
+        assert torch.equal(full[i], alone[0]), i
+    assert full[:3].abs().sum((1, 2, 3)).min() > 0

@@ -44,57 +44,64 @@ def attribution(
     shape = images.shape[1:]
     x_in = images.detach().double().flatten(1)
     B, N = x_in.shape
-    x_base = torch.zeros_like(x_in)
-    diff = x_in - x_base
-    x = x_base.clone()
+    # the baseline is zeros, so diff = x_in and x - baseline = x (exactly, signed zeros too)
+    diff = x_in
+    x = torch.zeros_like(x_in)
     l1_total = diff.abs().sum(1)
     attr = torch.zeros_like(x_in)
     nonzero = diff != 0
     safe_diff = torch.where(nonzero, diff, torch.ones_like(diff))
     kth = int(math.floor((N - 1) * fraction)) + 1  # numpy's "lower" quantile, 1-based
     alive = l1_total != 0  # an input equal to the baseline gets a zero attribution
-    inf = torch.tensor(math.inf, dtype=torch.float64, device=x.device)
+    inf = math.inf
 
     for step in range(steps):
         grad_actual = _batched_grads(model, x, shape, targets, max_target, batch_size)
-        grad = grad_actual.clone()
+        # |gradient|, set to inf where a feature reaches x_max (PAIR sets the gradient itself;
+        # only its absolute value and the inf marks are read)
+        absg = grad_actual.abs()
         alpha = (step + 1.0) / steps
         alpha_min = max(alpha - max_dist, 0.0)
         alpha_max = min(alpha + max_dist, 1.0)
-        x_min = x_base + diff * alpha_min
-        x_max = x_base + diff * alpha_max
+        x_min = diff * alpha_min
+        x_max = diff * alpha_max
         l1_target = l1_total * (1 - (step + 1) / steps)
         active = alive.clone()
+        # PAIR's inner loop, over all rows at once: a row leaves `active` when its L1 distance
+        # to the input reaches the step's target. An iteration changes nothing in an inactive
+        # row, so every row gets exactly PAIR's iterations. Fewer full passes over the [B, N]
+        # float64 state than a literal transcription (one host sync per iteration: the test)
         while bool(active.any()):
             a = active.view(-1, 1)
             x_old = x
-            x_alpha = torch.where(nonzero, (x - x_base) / safe_diff, torch.full_like(x, alpha_max))
-            x = torch.where(a & (x_alpha < alpha_min), x_min, x)
+            # features behind alpha_min (x / diff < alpha_min; a zero-diff feature counts
+            # as alpha_max, never behind) jump to x_min
+            behind = (x / safe_diff < alpha_min) & nonzero & a
+            x = torch.where(behind, x_min, x)
             l1_current = (x - x_in).abs().sum(1)
             # math.isclose(l1_target, l1_current, rel_tol=EPSILON, abs_tol=EPSILON)
             tol = torch.clamp(
                 EPSILON * torch.maximum(l1_target.abs(), l1_current.abs()), min=EPSILON
             )
             close = (l1_target - l1_current).abs() <= tol
-            done = active & close
             moving = active & ~close
-            grad = torch.where(moving.view(-1, 1) & (x == x_max), inf, grad)
-            absg = grad.abs()
+            m = moving.view(-1, 1)
+            d = x_max - x  # |d| = |x - x_max| and d == 0 iff x == x_max, exactly
+            absg.masked_fill_(m & (d == 0), inf)
             threshold = absg.kthvalue(kth, dim=1, keepdim=True).values
-            s = (absg <= threshold) & (grad != inf) & moving.view(-1, 1)
-            l1_s = ((x - x_max).abs() * s).sum(1)
+            s = (absg <= threshold) & (absg != inf) & m
+            l1_s = torch.where(s, d.abs(), 0.0).sum(1)
             gamma = torch.where(
                 l1_s > 0,
                 (l1_current - l1_target) / torch.where(l1_s > 0, l1_s, torch.ones_like(l1_s)),
                 inf,
             )
             big = gamma > 1.0
-            x_full = torch.where(s, x_max, x)
+            # selected features go to x_max (gamma > 1) or a gamma-fraction of the way there
             g = torch.where(big, torch.ones_like(gamma), gamma).view(-1, 1)
-            x_part = torch.where(s, x + (x_max - x) * g, x)
-            x = torch.where(big.view(-1, 1), x_full, x_part)
-            touched = (done | moving).view(-1, 1)
-            attr = attr + torch.where(touched, (x - x_old) * grad_actual, torch.zeros_like(x))
+            x = torch.where(s, torch.where(big.view(-1, 1), x_max, x + d * g), x)
+            # inactive rows did not move: x - x_old is 0 there (attr += 0 leaves them)
+            attr += (x - x_old) * grad_actual
             # a row with nothing left to select would loop forever (PAIR hangs there): stop it
             active = moving & big & s.any(1)
     return attr.view(B, *shape).float()
