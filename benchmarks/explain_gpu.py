@@ -31,7 +31,9 @@ What it measures, per (model, method, precision), in one run (docs/gpu.md):
 - precisions: cose.precision, as explain.precision runs them: fp32 (TF32 off for matmul and
   cuDNN), reference (PyTorch's defaults: cuDNN TF32 on, matmul off), tf32 (both on), bf16 (torch.autocast around the model forward through a wrapper
   that returns float32 logits; the wrapper sits around the conv+BN-folded copy for the
-  non-CAM methods); class predictions are fp32 at every precision. Each non-fp32 precision is
+  non-CAM methods; at reference/tf32/bf16 on CUDA that copy of a conv net runs in
+  channels_last: cose.precision.layout, the row's "layout"); class predictions are fp32 at
+  every precision. Each non-fp32 precision is
   compared with the fp32 run of the same images by what COSE reports
   (cose.scoring.agreement: |delta COSE|, |delta consistency|, |delta sensitivity| <= 0.005,
   class flips <= 0.1% of pairs, the per-pair SSIM difference p50/p99), with the per-map
@@ -235,10 +237,6 @@ def build_bundle(name: str, device: torch.device, n_ckpt: int) -> Bundle:
     return Bundle(name, model, rand, ckpts, ref, time.perf_counter() - t0)
 
 
-def has_convs(model: nn.Module) -> bool:
-    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 2
-
-
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -269,7 +267,7 @@ def limits_for(bundle: Bundle, precision: str, size: int, device, batch: int, it
     and forward+backward img/s of the model as built at each batch of `curve` (and `batch`)."""
     out = {}
     variants = [("nchw", bundle.model)]
-    if device.type == "cuda" and has_convs(bundle.model):
+    if device.type == "cuda" and _core.conv_net(bundle.model):
         variants.append(("channels_last", copy.deepcopy(bundle.model).to(
             memory_format=torch.channels_last)))
     by_batch: dict[str, float] = {}
@@ -845,7 +843,8 @@ def main(argv: list[str] | None = None) -> int:
                 "unit_batch_size": args.unit_batch,
                 "saliency_batch_size": args.saliency_batch or saliency.auto_batch_size(
                     method, device.type),
-                "flags": flags, "parity_vs_fp32": None, "notes": [],
+                "flags": flags, "layout": P.layout(prec, method, b.model, device.type),
+                "parity_vs_fp32": None, "notes": [],
             }
             if method == "lime":  # the target adds the segmentation to the limit time
                 t_lim = passes / lm["fwd_img_s"] + seg_s / min(threads, maps)

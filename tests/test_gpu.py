@@ -303,6 +303,39 @@ def test_explain_unit_on_cuda_matches_cpu(method, model_name, strict_fp32):
     assert par["ssim_nan_on_one_side"] == 0, par
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["reference", "bf16"])
+def test_fast_precisions_run_conv_nets_channels_last_on_cuda(precision):
+    """At reference/tf32/bf16 a conv net's passes run a channels_last copy on CUDA: the unit
+    runs, its predictions are fp32 (no class flips), and its maps follow the fp32 unit's (a
+    sanity bound: the benchmark validates precisions by COSE)."""
+    from cose import precision as P
+    from cose.saliency import _core
+
+    bench = _bench()
+    model, rand, ckpts = _models("demo_resnet")
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.avg_pool2d(torch.rand(3, 3, 32, 32, generator=g), 3, 1, 1)
+    m = copy.deepcopy(model).to(dev)
+    x = M.normalize(images.to(dev), "demo_resnet")
+    assert P.layout(precision, "ig", m, "cuda") == "channels_last"
+    run = P.wrap(m, precision, "ig", x[:1])
+    assert any(isinstance(k, _core.ChannelsLast) for k in run.modules())
+
+    def unit(prec: str):
+        return explain_unit(
+            m, images.to(dev), torch.zeros(3, dtype=torch.long, device=dev), [0, 1, 2], "ig",
+            lambda t: M.normalize(t, "demo_resnet"), random_model=copy.deepcopy(rand).to(dev),
+            checkpoints={k: copy.deepcopy(v).to(dev) for k, v in ckpts.items()},
+            settings={"steps": 8}, keep_samples=3, precision=prec)
+
+    par = bench.compare_units(unit("fp32"), unit(precision))
+    assert par["maps_class_flips"] == 0 and par["maps_compared"] == par["maps"], par
+    assert par["pearson_mean"] >= 0.9, par
+
+
 # ----------------------------------------------------------------------------- (c) ViT-L memory
 
 _VIT_L: list[torch.nn.Module] = []

@@ -107,6 +107,51 @@ def test_wrap_per_method():
     assert P.wrap(m, "auto", "ig", x) is m and P.wrap(m, "reference", "ig", x) is m
 
 
+def test_layout_channels_last_only_where_it_applies(monkeypatch):
+    """channels_last: CUDA, a fast precision, a method that only calls the model, a conv net."""
+    resnet, vit = demo(), models.create("demo_vit", 10, seed=0)
+    for prec in ("reference", "tf32", "bf16"):
+        assert P.layout(prec, "ig", resnet, "cuda") == "channels_last"
+        assert P.layout(prec, "lime", resnet, "cuda") == "channels_last"
+        assert P.layout(prec, "gradcam", resnet, "cuda") == "nchw"  # hooks the model's layer
+        assert P.layout(prec, "ig", resnet, "cpu") == "nchw"
+        assert P.layout(prec, "ig", vit, "cuda") == "nchw"  # one conv: the patch embedding
+    assert P.layout("fp32", "ig", resnet, "cuda") == "nchw"
+    assert P.layout("auto", "ig", resnet, "cuda") == "nchw"  # nothing validated: fp32
+    monkeypatch.setattr(P, "VALIDATED", frozenset({("tf32", "ig")}))
+    assert P.layout("auto", "ig", resnet, "cuda") == "channels_last"
+
+
+def test_channels_last_passes_compute_the_same_function():
+    """The channels_last copy (forced on the CPU with device_type="cuda"): folded, NHWC weights,
+    cached, rebuilt when the model's weights change, and the same maps within float noise."""
+    from cose import saliency
+
+    m = demo()
+    x = models.normalize(images(2), "demo_resnet")
+    t = torch.tensor([1, 2])
+    run = P.wrap(m, "tf32", "ig", x, device_type="cuda")
+    assert isinstance(run, _core.ChannelsLast)
+    assert not any(isinstance(k, nn.BatchNorm2d) for k in run.modules())
+    convs = [k for k in run.modules() if isinstance(k, nn.Conv2d)]
+    assert convs and all(k.weight.is_contiguous(memory_format=torch.channels_last)
+                         for k in convs if k.weight.shape[-1] > 1)
+    assert P.wrap(m, "tf32", "ig", x, device_type="cuda") is run  # cached
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), m(x), atol=1e-4, rtol=1e-4)
+    a = saliency.explain("ig", run, x, t, steps=4)
+    b = saliency.explain("ig", m, x, t, steps=4)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    bf = P.wrap(m, "bf16", "lime", x, device_type="cuda")
+    assert isinstance(bf, P.Autocast) and isinstance(bf.module, _core.ChannelsLast)
+    assert P.wrap(m, "tf32", "ig", x) is m  # on the CPU itself: as it is
+    with torch.no_grad():  # a weight change rebuilds the copy
+        next(m.parameters()).mul_(1.5)
+        again = P.wrap(m, "tf32", "ig", x, device_type="cuda")
+        assert again is not run
+        torch.testing.assert_close(again(x), m(x), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["gradcam", "ig"])
 def test_explain_unit_precisions(method):
     """Same pairs (predictions are fp32) at every precision; on the CPU tf32 changes nothing,

@@ -13,6 +13,12 @@
   post-processing stay float32. Non-CAM methods get the conv+BN-folded copy inside the
   autocast wrapper (folding needs torch.fx tracing, which the wrapper refuses: tracing would
   drop the autocast region).
+- Memory layout: at ``reference``, ``tf32`` and ``bf16`` on CUDA, the conv+BN-folded copy of a
+  conv net (the module the non-CAM methods call) runs in channels_last (:func:`layout`):
+  cuDNN's tensor-core convolutions are NHWC kernels, which NCHW tensors reach through
+  transposes. The flags are still the precision's; only the kernels (and so the last bits)
+  differ, and the validation below measures the two together. ``fp32`` stays NCHW, the same
+  kernels as the CPU path's parity tests.
 - ``auto``: per method, the fastest of bf16, tf32, reference that :data:`VALIDATED` holds for
   it, else fp32 (:func:`resolve`). A unit's fingerprint holds the resolved precision, so a
   change of :data:`VALIDATED` recomputes exactly the units whose precision it changes.
@@ -41,8 +47,8 @@ from torch import nn
 from cose.spec import AUTO_PRECISION, PRECISION_CHOICES, PRECISIONS  # names: cose.spec
 
 __all__ = [
-    "AUTO", "FASTEST", "PRECISIONS", "VALIDATED", "Autocast", "check", "flags", "resolve", "unvalidated",
-    "warning", "wrap",
+    "AUTO", "CHANNELS_LAST", "FASTEST", "PRECISIONS", "VALIDATED", "Autocast", "check", "flags",
+    "layout", "resolve", "unvalidated", "warning", "wrap",
 ]
 
 AUTO = AUTO_PRECISION
@@ -60,6 +66,9 @@ FASTEST: dict[str, str] = {}
 
 #: the order ``auto`` tries the validated ones in for a method FASTEST does not name
 FASTEST_FIRST: tuple[str, ...] = ("bf16", "tf32", "reference")
+
+#: the precisions whose passes run a conv net in channels_last on CUDA (:func:`layout`)
+CHANNELS_LAST: frozenset[str] = frozenset({"reference", "tf32", "bf16"})
 
 #: the TF32 flags (matmul, cuDNN) of each precision
 _TF32 = {"fp32": (False, False), "reference": (False, True), "tf32": (True, True),
@@ -143,17 +152,40 @@ class Autocast(nn.Module):
         return out.float()
 
 
-def wrap(model: nn.Module, precision: str, method: str, example: torch.Tensor | None = None):
-    """``model`` as the saliency passes of ``method`` run it at ``precision``: itself for fp32
-    and tf32 (the flags do the rest), an :class:`Autocast` wrapper for bf16, around the module
-    those passes call (``saliency.passes_model``: the conv+BN-folded copy for non-CAM methods;
-    ``example``: one model input, to check the folding)."""
+def layout(precision: str, method: str, model: nn.Module, device_type: str) -> str:
+    """The memory layout ``method``'s passes run ``model`` in at ``precision`` on
+    ``device_type``: ``channels_last`` for a conv net (more than two Conv2d) on CUDA at the
+    precisions of :data:`CHANNELS_LAST`, for the methods that only call the model (``fusable``:
+    not the CAMs, which hook the caller's own layer); ``nchw`` otherwise."""
+    from cose import spec
+    from cose.saliency import _core
+
     precision = resolve(precision, method)
-    if precision != "bf16":
-        return model
+    if (device_type == "cuda" and precision in CHANNELS_LAST and spec.method(method).fusable
+            and _core.conv_net(model)):
+        return "channels_last"
+    return "nchw"
+
+
+def wrap(model: nn.Module, precision: str, method: str, example: torch.Tensor | None = None,
+         device_type: str | None = None):
+    """``model`` as the saliency passes of ``method`` run it at ``precision``: itself for fp32
+    (the flags do the rest), else the module those passes call (``saliency.passes_model``: the
+    conv+BN-folded copy for non-CAM methods; ``example``: one model input, to check the
+    folding) in the :func:`layout` for the model's device (``device_type`` overrides it: tests
+    on the CPU), inside an :class:`Autocast` wrapper for bf16."""
+    precision = resolve(precision, method)
     from cose import saliency
     from cose.saliency import _core
 
-    inner = saliency.passes_model(method, model, example) if example is not None else model
     fallback = example.device if example is not None else torch.device("cpu")
+    device_type = device_type or _core.model_device(model, fallback).type
+    nhwc = layout(precision, method, model, device_type) == "channels_last"
+    if precision != "bf16" and not nhwc:
+        return model
+    inner = saliency.passes_model(method, model, example) if example is not None else model
+    if nhwc:
+        inner = _core.channels_last(inner)
+    if precision != "bf16":
+        return inner
     return Autocast(inner, _core.model_device(model, fallback).type).eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -196,3 +197,40 @@ def _differs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> bool:
         return True
     scale = ya.abs().max().clamp_min(1e-12)
     return bool(((ya - yb).abs().max() / scale) > 1e-3)
+
+
+# ----------------------------------------------------------------------------- channels_last
+
+
+def conv_net(model: nn.Module) -> bool:
+    """More than two 2D convolutions: a conv net, not a transformer with a patch embedding."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 2
+
+
+class ChannelsLast(nn.Module):
+    """``module`` (a channels_last copy) fed its input in channels_last: cuDNN's tensor-core
+    convolutions (TF32, bf16) are NHWC kernels, which NCHW tensors reach through transposes."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.contiguous(memory_format=torch.channels_last))
+
+
+_CHANNELS_LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def channels_last(model: nn.Module) -> nn.Module:
+    """A cached :class:`ChannelsLast` copy of ``model`` (rebuilt when any of its parameters or
+    buffers changes): the same function, other kernels, so other last bits."""
+    sig = _signature(model)
+    hit = _CHANNELS_LAST.get(model)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    copied = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    copied.train(model.training)
+    wrapped = ChannelsLast(copied).train(model.training)
+    _CHANNELS_LAST[model] = (sig, wrapped)
+    return wrapped
