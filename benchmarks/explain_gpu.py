@@ -24,7 +24,8 @@ What it measures, per (model, method, precision), in one run (docs/gpu.md):
   (saliency_speed.measure_limits), per precision, NCHW and, for conv nets, channels_last (the
   faster counts); % of limit = model passes per map x maps/s over the limit (LIME: forward
   limit; with its segmentation added to the limit time as well); forward+backward also at
-  batches 16 and 50 (CURVE_BATCHES: what stacking the model variants could gain);
+  batches 16, 50, 64 and 256 (CURVE_BATCHES: what stacking the model variants, or a
+  larger saliency batch, could gain);
 - in passes: the share of a gradient method's unit time spent inside its model passes
   (pass_timer: CUDA events around every prob_grad call); the rest is the method's own work
   (GuidedIG's inner loop, IG's path inputs), predictions, transforms and similarity;
@@ -157,8 +158,10 @@ UNIT_IMAGES = {"gradcam": 50, "gradcampp": 50, "ig": 16, "smoothgrad": 16, "blur
 BENCH_SETTINGS = {"guided_ig": {"steps": 8}}
 #: batches at which forward+backward throughput is also measured (beside --limit-batch): the
 #: model variants of a paper unit run 50 images per call, so limit(50) / limit(128) bounds
-#: what running them together (stacked models) could gain
-CURVE_BATCHES = (16, 50)
+#: what running them together (stacked models) could gain; the gradient methods' passes take
+#: 64 inputs on a GPU (saliency.auto_batch_size), so limit(64) against limit(256) says whether
+#: a larger default would pay
+CURVE_BATCHES = (16, 50, 64, 256)
 MIN_CHEAP_IMAGES = 16
 EXPENSIVE = ("guided_ig", "lime")
 
@@ -280,9 +283,13 @@ def limits_for(bundle: Bundle, precision: str, size: int, device, batch: int, it
             if fmt == "nchw":
                 by_batch[str(batch)] = out[fmt]["fwd_bwd_img_s"]
                 for b in (b for b in curve if b != batch):
-                    SP.measure_limits(run, size, device, b, 1)
-                    by_batch[str(b)] = round(
-                        SP.measure_limits(run, size, device, b, iters)["fwd_bwd_img_s"], 2)
+                    try:
+                        SP.measure_limits(run, size, device, b, 1)
+                        by_batch[str(b)] = round(
+                            SP.measure_limits(run, size, device, b, iters)["fwd_bwd_img_s"], 2)
+                    except torch.OutOfMemoryError:  # a large model at batch 256
+                        by_batch[str(b)] = None
+                        torch.cuda.empty_cache()
     best = {k: max(v[k] for v in out.values()) for k in ("fwd_bwd_img_s", "fwd_img_s")}
     del variants
     if device.type == "cuda":
@@ -1074,7 +1081,7 @@ def print_tables(result: dict) -> None:
         print(f"  {lm['model']} {lm['precision']}: fwd+bwd {lm['fwd_bwd_img_s']:.1f}, "
               f"fwd {lm['fwd_img_s']:.1f} (batch {lm['batch']}; {sorted(lm['formats'])}); "
               "fwd+bwd by batch (as built): " + ", ".join(
-                  f"{b}: {v:.1f}" for b, v in lm.get("fwd_bwd_img_s_by_batch", {}).items()))
+                  f"{b}: {_f(v, '.1f')}" for b, v in lm.get("fwd_bwd_img_s_by_batch", {}).items()))
     print("\npaper grid projection (hours on this device):")
     print("| model | precision | ours h per (dataset, model) | reference h | ours h, 13x5 grid "
           "| reference h, grid | missing methods |")

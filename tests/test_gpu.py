@@ -86,7 +86,7 @@ def test_smoke_run_writes_the_schema(tmp_path):
         assert _positive(lm["batch"])
         # forward+backward at the curve's batches and the limit's (the smoke's is 8)
         curve = lm["fwd_bwd_img_s_by_batch"]
-        assert list(curve) == ["8", "16", "50"] and all(_positive(v) for v in curve.values())
+        assert list(curve) == ["8", "16", "50", "64", "256"] and all(_positive(v) for v in curve.values())
         assert curve["8"] == lm["formats"]["nchw"]["fwd_bwd_img_s"]
 
     # every method at both precisions, none skipped (the smoke budget is loose)
