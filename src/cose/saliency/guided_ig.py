@@ -57,8 +57,9 @@ def attribution(
 
     for step in range(steps):
         grad_actual = _batched_grads(model, x, shape, targets, max_target, batch_size)
-        # |gradient|, set to inf where a feature reaches x_max (PAIR sets the gradient itself;
-        # only its absolute value and the inf marks are read)
+        # |gradient|, set to inf where a feature reaches x_max (PAIR sets the gradient itself to
+        # inf; only its absolute value and the inf marks are read, and the gradient of a
+        # probability is finite, so the marks are the same)
         absg = grad_actual.abs()
         alpha = (step + 1.0) / steps
         alpha_min = max(alpha - max_dist, 0.0)
