@@ -563,3 +563,6 @@ def test_guided_ig_rows_are_independent_exactly():
         alone = guided_ig.attribution(model, x[i : i + 1], t[i : i + 1], 4, **kw)
         assert torch.equal(full[i], alone[0]), i
     assert full[:3].abs().sum((1, 2, 3)).min() > 0
+    # nothing but baseline rows: no inner iteration at all, zero attributions
+    zero = guided_ig.attribution(model, torch.zeros(2, 3, 12, 12), t[:2], 4, **kw)
+    assert torch.equal(zero, torch.zeros_like(zero))

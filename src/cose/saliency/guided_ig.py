@@ -53,6 +53,7 @@ def attribution(
     safe_diff = torch.where(nonzero, diff, torch.ones_like(diff))
     kth = int(math.floor((N - 1) * fraction)) + 1  # numpy's "lower" quantile, 1-based
     alive = l1_total != 0  # an input equal to the baseline gets a zero attribution
+    any_alive = bool(alive.any())  # every step's first iteration runs iff this (one sync)
     inf = math.inf
 
     for step in range(steps):
@@ -71,8 +72,10 @@ def attribution(
         # PAIR's inner loop, over all rows at once: a row leaves `active` when its L1 distance
         # to the input reaches the step's target. An iteration changes nothing in an inactive
         # row, so every row gets exactly PAIR's iterations. Fewer full passes over the [B, N]
-        # float64 state than a literal transcription (one host sync per iteration: the test)
-        while bool(active.any()):
+        # float64 state than a literal transcription (one host sync per iteration after the
+        # first: the test)
+        go = any_alive
+        while go:
             a = active.view(-1, 1)
             x_old = x
             # features behind alpha_min (x / diff < alpha_min; a zero-diff feature counts
@@ -105,6 +108,7 @@ def attribution(
             attr += (x - x_old) * grad_actual
             # a row with nothing left to select would loop forever (PAIR hangs there): stop it
             active = moving & big & s.any(1)
+            go = bool(active.any())
     return attr.view(B, *shape).float()
 
 
