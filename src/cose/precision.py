@@ -179,8 +179,8 @@ def wrap(model: nn.Module, precision: str, method: str, example: torch.Tensor | 
     from cose.saliency import _core
 
     fallback = example.device if example is not None else torch.device("cpu")
-    device_type = device_type or _core.model_device(model, fallback).type
-    nhwc = layout(precision, method, model, device_type) == "channels_last"
+    device = _core.model_device(model, fallback)
+    nhwc = layout(precision, method, model, device_type or device.type) == "channels_last"
     if precision != "bf16" and not nhwc:
         return model
     inner = saliency.passes_model(method, model, example) if example is not None else model
@@ -188,4 +188,4 @@ def wrap(model: nn.Module, precision: str, method: str, example: torch.Tensor | 
         inner = _core.channels_last(inner)
     if precision != "bf16":
         return inner
-    return Autocast(inner, _core.model_device(model, fallback).type).eval()
+    return Autocast(inner, device.type).eval()
