@@ -26,6 +26,11 @@ What it measures, per (model, method, precision), in one run (docs/gpu.md):
   limit; with its segmentation added to the limit time as well); forward+backward also at
   batches 16, 50, 64 and 256 (CURVE_BATCHES: what stacking the model variants, or a
   larger saliency batch, could gain);
+- model variants (--streams, COSE_STREAMS: auto, or N): every unit maps its model variants
+  (random-init model, checkpoints) that many at a time, each on its own CUDA stream (the row's
+  "variant_workers"); the fp32 unit's model variants are also timed alone (no transforms),
+  one at a time and then at once, with whether the records are identical
+  (the row's "model_variants");
 - in passes: the share of a gradient method's unit time spent inside its model passes
   (pass_timer: CUDA events around every prob_grad call); the rest is the method's own work
   (GuidedIG's inner loop, IG's path inputs), predictions, transforms and similarity;
@@ -82,7 +87,7 @@ from cose import models as M
 from cose import precision as P
 from cose import saliency, scoring, spec
 from cose import transforms as T
-from cose.engine import UnitResult, explain_unit, predict
+from cose.engine import UnitResult, explain_unit, predict, variant_workers
 from cose.saliency import _core
 
 HERE = Path(__file__).resolve().parent
@@ -442,6 +447,36 @@ def compare_units(a: UnitResult, b: UnitResult) -> dict:
     }
 
 
+def measure_variants(b: Bundle, images01: torch.Tensor, labels: torch.Tensor, n: int,
+                     method: str, norm, settings: dict, unit_batch: int, streams,
+                     device: torch.device) -> dict:
+    """A unit's model variants alone (no transforms: the originals, the random-init model,
+    every checkpoint) at fp32, mapped one at a time and then ``streams`` at once
+    (``explain_unit(streams=...)``): their seconds, the speedup, and whether the records are
+    the same (exactly, and the largest per-pair SSIM difference)."""
+    kw = dict(transforms=(), random_model=b.random, checkpoints=b.checkpoints, seed=0,
+              precision="fp32", settings=settings, batch_size=unit_batch, keep_samples=n)
+    out: dict = {"images": n, "models": 1 + len(b.checkpoints)}
+    res = {}
+    for label, s in (("one_at_a_time", 1), ("at_once", streams)):
+        if device.type == "cuda":  # the auto sizing reads this unit's peak, not the limits'
+            torch.cuda.reset_peak_memory_stats(device)
+        SP.sync(device)
+        t0 = time.perf_counter()
+        res[label] = explain_unit(b.model, images01[:n], labels[:n], list(range(n)), method,
+                                  norm, streams=s, **kw)
+        SP.sync(device)
+        out[f"{label}_s"] = round(time.perf_counter() - t0, 4)
+        if label == "one_at_a_time":  # as the next unit sizes it: the same peak, the same held
+            out["workers"] = variant_workers(streams, device, out["models"])
+    a, b2 = res["one_at_a_time"], res["at_once"]
+    out["speedup"] = out["one_at_a_time_s"] / max(out["at_once_s"], 1e-9)
+    out["identical"] = bool(a.pairs.equals(b2.pairs) and all(
+        np.array_equal(a.samples[k], b2.samples[k]) for k in a.samples))
+    out["ssim_max_abs_diff"] = compare_units(a, b2)["ssim_max_abs_diff"]
+    return out
+
+
 def reference_inputs(images01: torch.Tensor, count: int, normalize) -> torch.Tensor:
     """`count` model inputs: the originals first, then variants of them (REF_VARIANTS)."""
     n, size = images01.shape[0], images01.shape[-1]
@@ -555,6 +590,10 @@ def parse(argv):
     ap.add_argument("--limit-iters", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=360.0, help="wall-clock budget, seconds")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--streams", default="auto",
+                    help="model variants mapped at once (COSE_STREAMS): auto or N; every "
+                         "unit runs so, and each item's fp32 unit's model variants are also "
+                         "timed alone, one at a time and so")
     ap.add_argument("--full-steps", action="store_true",
                     help="GuidedIG at its 200 steps (default: 8, scaled for the projection)")
     ap.add_argument("--smoke", action="store_true",
@@ -564,6 +603,7 @@ def parse(argv):
     if args.smoke:
         args.device, args.models, args.size, args.images = "cpu", "demo_resnet", 32, "2"
         args.checkpoints, args.magnitudes, args.ref_maps = 2, 2, 2
+        args.streams = "2" if args.streams == "auto" else args.streams  # auto is 1 on a CPU
         args.limit_batch, args.limit_iters = 8, 2
         # one thread: on a shared CPU, OpenMP barriers stall for seconds under load
         args.threads = args.threads or 1
@@ -572,6 +612,10 @@ def parse(argv):
         # a loose allocator budget, so that every method runs on a busy CPU; the run itself
         # takes seconds
         args.budget_s = min(args.budget_s, 150.0)
+    if args.streams != "auto":
+        if not args.streams.isdigit() or int(args.streams) < 1:
+            raise SystemExit(f"--streams: expected auto or an integer >= 1, got {args.streams!r}")
+        args.streams = int(args.streams)
     return args
 
 
@@ -697,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
         """Predicted seconds of an item: every precision on its full unit, plus the
         reference's maps (at least one; at most a fifth of ours once it is longer)."""
         ours = sum(ours_img(method, name, p) for p in precisions) * images_for[method]
+        if "fp32" in precisions:  # measure_variants: the model variants alone, twice
+            ours += (ours_img(method, name, "fp32") * images_for[method]
+                     * 2 * (2 + args.checkpoints) / mpi)
         if method not in ref_methods:
             return ours
         return ours + max(pred_ref_map(method, name) * corr(ratios_ref.get(name)), 0.2 * ours)
@@ -808,12 +855,14 @@ def main(argv: list[str] | None = None) -> int:
             with P.flags(prec) as flags:  # the flags explain_unit runs its passes with
                 pass
             common = dict(random_model=b.random, checkpoints=b.checkpoints, precision=prec,
-                          batch_size=args.unit_batch)  # fmt: skip
+                          batch_size=args.unit_batch, streams=args.streams)  # fmt: skip
             warm = {**WARM_SETTINGS.get(method, {}), **settings_base}
             labels = labels_of[name]
             explain_unit(b.model, images01[:1], labels[:1], [0], method, norm,
                          transforms=("FlipLR", "Rotate"), magnitudes=1, settings=warm, **common)
             SP.sync(device)
+            if device.type == "cuda":  # the auto stream count reads this unit's peak
+                torch.cuda.reset_peak_memory_stats(device)
             with pass_timer(device) as passes_s:
                 t0 = time.perf_counter()
                 res = explain_unit(b.model, images01[:n], labels[:n], idx_list, method, norm,
@@ -851,7 +900,12 @@ def main(argv: list[str] | None = None) -> int:
                 "saliency_batch_size": args.saliency_batch or saliency.auto_batch_size(
                     method, device.type),
                 "flags": flags, "layout": P.layout(prec, method, b.model, device.type),
-                "parity_vs_fp32": None, "notes": [],
+                "parity_vs_fp32": None, "streams": args.streams,
+                # as explain_unit sized it (the same peak, the same memory held)
+                "variant_workers": variant_workers(args.streams, device,
+                                                   1 + len(b.checkpoints)),
+                "model_variants": None,
+                "notes": [],
             }
             if method == "lime":  # the target adds the segmentation to the limit time
                 t_lim = passes / lm["fwd_img_s"] + seg_s / min(threads, maps)
@@ -861,6 +915,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["notes"].append(ref_cut)
             if prec == "fp32":
                 fp32_res = res
+                row["model_variants"] = measure_variants(
+                    b, images01, labels, n, method, norm, settings[method], args.unit_batch,
+                    args.streams, device)
             elif fp32_res is not None and keep:
                 row["parity_vs_fp32"] = compare_units(fp32_res, res)
             rows.append(row)
@@ -1082,6 +1139,16 @@ def print_tables(result: dict) -> None:
               f"fwd {lm['fwd_img_s']:.1f} (batch {lm['batch']}; {sorted(lm['formats'])}); "
               "fwd+bwd by batch (as built): " + ", ".join(
                   f"{b}: {_f(v, '.1f')}" for b, v in lm.get("fwd_bwd_img_s_by_batch", {}).items()))
+    print("\nmodel variants alone (fp32: originals, random-init model, checkpoints), one at a "
+          "time vs at once (--streams):")
+    for r in result["rows"]:
+        mv = r.get("model_variants")
+        if mv:
+            print(f"  {r['model']} {r['method']}: {mv['images']} img x {mv['models']} models, "
+                  f"{mv['one_at_a_time_s']:.3f} s one at a time, {mv['at_once_s']:.3f} s with "
+                  f"{mv['workers']} at once ({mv['speedup']:.2f}x); records "
+                  + ("identical" if mv["identical"]
+                     else f"differ (SSIM max {_f(mv['ssim_max_abs_diff'], '.2e')})"))
     print("\npaper grid projection (hours on this device):")
     print("| model | precision | ours h per (dataset, model) | reference h | ours h, 13x5 grid "
           "| reference h, grid | missing methods |")

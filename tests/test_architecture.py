@@ -133,10 +133,14 @@ def test_runtime_settings_parse_document_and_fail_in_one_line(monkeypatch):
         "cpu", "off", 2.5, 3, True, "WARNING")
     assert not rt.prefetch_on("cuda") and runtime.current({}).prefetch_on("cuda")
     assert not runtime.current({}).prefetch_on("cpu")
+    assert runtime.current({}).streams == "auto"
+    assert runtime.current({"COSE_STREAMS": " 3 "}).streams == 3
     for var, bad, msg in (("COSE_RAY_CPUS", "two", "expected an integer >= 1"),
                           ("COSE_PREFETCH", "sometimes", "expected 1, 0 or auto"),
                           ("COSE_BACKEND", "spark", "expected one of local, ray"),
-                          ("COSE_LOCK_WAIT", "-1", "expected seconds >= 0")):
+                          ("COSE_LOCK_WAIT", "-1", "expected seconds >= 0"),
+                          ("COSE_STREAMS", "0", "expected auto or an integer >= 1"),
+                          ("COSE_STREAMS", "many", "expected auto or an integer >= 1")):
         with pytest.raises(ValueError, match=f"^{var}: got '{bad}', {msg}$"):
             runtime.current({var: bad})
     doc = (closure.SRC.parent.parent / "docs" / "environment.md").read_text()

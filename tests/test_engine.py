@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -194,3 +195,119 @@ def test_noise_floor_variant(method, settings, deterministic):
                            transforms=("FlipLR",), magnitudes=1, settings=settings,
                            batch_size=8)
     assert "seed" not in set(without.pairs.transform_type)
+
+
+# ----------------------------------------------------------------------------- model variants
+
+
+def _variant_unit(method, settings, streams, precision="fp32", models=None, noise_floor=False):
+    model, rand, *ckpts = models or [demo(s) for s in range(5)]
+    return explain_unit(model, images(5), torch.arange(5), list(range(5)), method, norm,
+                        transforms=("Rotate", "Brightness"), magnitudes=1, random_model=rand,
+                        checkpoints={f"mid_ckpt_e{i:03d}": m for i, m in enumerate(ckpts)},
+                        settings=settings, batch_size=4, keep_samples=2, precision=precision,
+                        noise_floor=noise_floor, streams=streams)
+
+
+@pytest.mark.parametrize("method, settings, precision", [
+    ("gradcam", {}, "fp32"), ("gradcampp", {}, "bf16"), ("ig", {"steps": 5}, "fp32"),
+    ("guided_ig", {"steps": 6}, "fp32"), ("smoothgrad", {"samples": 4}, "bf16"),
+    ("lime", {"samples": 40, "max_dist": 8.0}, "fp32"),
+])
+def test_model_variants_at_once_give_the_same_records(method, settings, precision):
+    """Mapping the random-init model, the checkpoints and the seed variant three at a time
+    (each whole on its own thread; on CUDA its own stream) gives exactly the records and
+    sample maps of one at a time: the same kernels on the same inputs, per-call seeds, bf16's
+    autocast entered in the thread that runs the model."""
+    one = _variant_unit(method, settings, 1, precision, noise_floor=True)
+    many = _variant_unit(method, settings, 3, precision, noise_floor=True)
+    pd.testing.assert_frame_equal(one.pairs, many.pairs, check_exact=True)
+    assert one.samples.keys() == many.samples.keys()
+    for k in one.samples:
+        np.testing.assert_array_equal(one.samples[k], many.samples[k])
+    assert (one.pairs.transform_type == "random").sum() == 5
+
+
+def test_model_variants_at_once_overlap_but_one_model_never_twice():
+    """Three workers: the different models' passes overlap; a model given twice (the same
+    module as two checkpoints) is never in two passes at once, since its eval mode and hooks
+    are per call; and the pool's threads are gone when the unit returns."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    active: dict[int, int] = {}
+    most = {"all": 0, "same": 0}
+
+    def enter(mod, _args):
+        with lock:
+            active[id(mod)] = active.get(id(mod), 0) + 1
+            most["all"] = max(most["all"], sum(active.values()))
+            most["same"] = max(most["same"], active[id(mod)])
+        time.sleep(0.02)
+
+    def leave(mod, _args, _out):
+        with lock:
+            active[id(mod)] -= 1
+
+    model, rand, twice, other = (demo(s) for s in range(4))
+    for m in (rand, twice, other):
+        m.register_forward_pre_hook(enter)
+        m.register_forward_hook(leave)
+    res = _variant_unit("gradcam", {}, 3, models=[model, rand, twice, twice, other])
+    assert most["all"] >= 2 and most["same"] == 1, most
+    names = list(res.pairs.transform_type.unique())
+    assert names[names.index("random"):names.index("random") + 4] == [
+        "random", "mid_ckpt_e000", "mid_ckpt_e001", "mid_ckpt_e002"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("cose-variant")]
+
+
+class _Failing(torch.nn.Module):
+    """A checkpoint that predicts (no grad) but fails in its saliency passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = demo(9)
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            raise RuntimeError("checkpoint mid_ckpt_e001: broken layer")
+        return self.inner(x)
+
+
+def test_a_failing_model_variant_raises_its_error_after_the_others_stop():
+    import threading
+
+    models_ = [demo(0), demo(1), demo(2), _Failing(), demo(3)]
+    with pytest.raises(RuntimeError, match="^checkpoint mid_ckpt_e001: broken layer$"):
+        _variant_unit("ig", {"steps": 3}, 3, models=models_)
+    assert not [t for t in threading.enumerate() if t.name.startswith("cose-variant")]
+
+
+def test_variant_workers_by_setting_device_and_memory(monkeypatch):
+    from cose import engine
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert engine.variant_workers(3, cpu, 11) == 3
+    assert engine.variant_workers(8, cpu, 2) == 2
+    assert engine.variant_workers("auto", cpu, 11) == 1
+    monkeypatch.setenv("COSE_STREAMS", "5")
+    assert engine.variant_workers(None, cpu, 11) == 5
+    for bad in (0, -1, "2", 1.5, True):
+        with pytest.raises(ValueError, match="^streams: expected auto or an integer >= 1"):
+            engine.variant_workers(bad, cpu, 11)
+    # auto on CUDA: as many as fit in 80% of the free memory at the unit's working set
+    GiB = 2**30
+    mem = {"held": 10 * GiB, "peak": 30 * GiB, "free": 40 * GiB, "reserved": 32 * GiB}
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: mem["held"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: mem["peak"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: mem["reserved"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (mem["free"], 141 * GiB))
+    # working set 20 GiB; free 40 + (32 - 10) = 62 GiB; 0.8 * 62 / 20 = 2.48 -> 2
+    assert engine.variant_workers("auto", cuda, 11) == 2
+    mem["free"] = 100 * GiB  # 0.8 * 122 / 20 = 4.88 -> the cap, 4
+    assert engine.variant_workers("auto", cuda, 11) == engine.AUTO_STREAMS == 4
+    assert engine.variant_workers("auto", cuda, 3) == 3
+    assert engine.variant_workers("auto", cuda, 1) == 1
+    mem["free"] = 0  # nothing free beyond the cache: one at a time
+    assert engine.variant_workers("auto", cuda, 11) == 1

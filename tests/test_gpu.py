@@ -111,9 +111,18 @@ def test_smoke_run_writes_the_schema(tmp_path):
             assert 0 < r["pass_share"] < 1 and 0 < r["pass_s"] < r["ours_s"]
         else:
             assert r["pass_share"] is None and r["pass_s"] is None
+        # every unit maps its model variants two at a time (the smoke's --streams)
+        assert r["streams"] == 2 and r["variant_workers"] == 2
         if r["precision"] == "fp32":
             assert r["parity_vs_fp32"] is None
+            # and the fp32 unit's model variants alone: one at a time, then two at once
+            mv = r["model_variants"]
+            assert (mv["images"], mv["models"], mv["workers"]) == (r["images"], 3, 2)
+            assert _positive(mv["one_at_a_time_s"]) and _positive(mv["at_once_s"])
+            assert mv["speedup"] == pytest.approx(mv["one_at_a_time_s"] / mv["at_once_s"])
+            assert mv["identical"] is True and mv["ssim_max_abs_diff"] == 0
         else:  # compared with the fp32 run of the same images
+            assert r["model_variants"] is None
             par = r["parity_vs_fp32"]
             assert par["maps"] == r["maps"] and par["maps_compared"] >= 1
             assert -1.0 <= par["pearson_min"] <= par["pearson_mean"] <= 1.0
@@ -147,6 +156,7 @@ def test_smoke_run_writes_the_schema(tmp_path):
                   if m2 == m and by[(m, p)]["ours_s_per_map"] <= 0.95 * t32]
         assert by[(m, prec)]["ours_s_per_map"] == (min(faster) if faster else t32)
     assert "cose.precision.VALIDATED candidates" in res.stdout
+    assert "with 2 at once" in res.stdout and "records identical" in res.stdout
 
 
 def test_smoke_run_skips_what_the_budget_does_not_fit(tmp_path):
@@ -334,6 +344,38 @@ def test_fast_precisions_run_conv_nets_channels_last_on_cuda(precision):
     par = bench.compare_units(unit("fp32"), unit(precision))
     assert par["maps_class_flips"] == 0 and par["maps_compared"] == par["maps"], par
     assert par["pearson_mean"] >= 0.9, par
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", saliency.METHODS)
+def test_model_variants_on_side_streams_match_one_at_a_time(method, strict_fp32):
+    """The model variants mapped four at a time, each on its own CUDA stream, against one at
+    a time on the default stream: the same kernels, so the same records (up to cuDNN picking
+    another algorithm when less memory is free: a bound far below the CPU parity's)."""
+    if method == "lime":
+        pytest.importorskip("lime")
+    bench = _bench()
+    model, rand, ckpts = _models("demo_resnet")
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.avg_pool2d(torch.rand(6, 3, 32, 32, generator=g), 3, 1, 1)
+    more = {**ckpts, **{f"mid_ckpt_e{e:03d}": M.create("demo_resnet", 10, seed=10 + e)
+                        for e in (5, 7, 9)}}
+
+    def unit(streams: int):
+        return explain_unit(
+            copy.deepcopy(model).to(dev), images.to(dev), torch.zeros(6, dtype=torch.long,
+                                                                      device=dev),
+            list(range(6)), method, lambda t: M.normalize(t, "demo_resnet"),
+            transforms=("Rotate",), magnitudes=1, random_model=copy.deepcopy(rand).to(dev),
+            checkpoints={k: copy.deepcopy(v).to(dev) for k, v in more.items()},
+            settings=PARITY_SETTINGS.get(method, {}), keep_samples=6, streams=streams,
+            noise_floor=saliency.get(method).spec.stochastic)
+
+    par = bench.compare_units(unit(1), unit(4))
+    assert par["maps_class_flips"] == 0 and par["maps_compared"] == par["maps"], par
+    assert par["ssim_max_abs_diff"] <= 1e-5 and par["pearson_min"] >= 0.9999, par
 
 
 # ----------------------------------------------------------------------------- (c) ViT-L memory

@@ -11,7 +11,11 @@ on the images' device and only scores (and the kept sample maps) leave it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import queue
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +24,7 @@ import torch
 from torch import nn
 
 from cose import precision as P
-from cose import saliency, similarity
+from cose import runtime, saliency, similarity
 from cose import transforms as T
 from cose.columns import UNIT_COLUMNS
 
@@ -250,6 +254,99 @@ def _sample_arrays(variants: list[Variant], scores: _Scores, test_idx: list[int]
     }
 
 
+# ----------------------------------------------------------------------------- model variants
+
+#: at most this many model variants mapped at once on CUDA under ``COSE_STREAMS=auto``
+AUTO_STREAMS = 4
+#: the share of the device's free memory the extra concurrent variants may take
+STREAM_MEMORY_SHARE = 0.8
+
+_STREAMS: dict[torch.device, list] = {}
+
+
+def variant_workers(streams: int | str | None, device: torch.device, jobs: int) -> int:
+    """How many of a unit's ``jobs`` model variants are mapped at once: ``streams`` (default
+    ``COSE_STREAMS``) as an integer, or ``auto``: on CUDA up to :data:`AUTO_STREAMS`, as many
+    as fit in :data:`STREAM_MEMORY_SHARE` of the free memory at the working set the unit's
+    saliency calls have reached (the allocator's peak over what is held now: an upper bound,
+    since the transform batches hold at least as many rows), 1 on other devices."""
+    n = runtime.current().streams if streams is None else streams
+    if n != "auto":
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"streams: expected auto or an integer >= 1, got {n!r}")
+        return max(1, min(n, jobs))
+    if device.type != "cuda" or jobs <= 1:
+        return 1
+    held = torch.cuda.memory_allocated(device)
+    working = max(1, torch.cuda.max_memory_allocated(device) - held)
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - held
+    return max(1, min(AUTO_STREAMS, jobs, int(STREAM_MEMORY_SHARE * free // working)))
+
+
+def _device_streams(device: torch.device, n: int) -> list:
+    """``n`` side streams of ``device``, the same ones for every unit (the caching allocator
+    keeps its blocks per stream: fresh streams per unit would strand them)."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    pool = _STREAMS.setdefault(device, [])
+    while len(pool) < n:
+        pool.append(torch.cuda.Stream(device))
+    return pool[:n]
+
+
+def run_models(method: str,
+               jobs: list[tuple[nn.Module, nn.Module, Callable[[], torch.Tensor]]],
+               example: torch.Tensor, workers: int) -> list[torch.Tensor]:
+    """``[call() for *_, call in jobs]``, up to ``workers`` at a time: each job maps one model
+    variant (``jobs``: (the variant's model, the module the call explains, the call)). Every
+    job runs whole on one thread (on CUDA on one side stream): the same kernels on the same
+    inputs as one at a time, so the same maps. Jobs of the same model run one after another
+    (its eval mode, its hooks and its cached copies are per model). The caller holds the
+    precision's flags; the conv+BN-folded copies are built here first, since torch.fx's
+    tracing patches nn.Module for every thread. The first error is raised once every running
+    job has stopped."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [call() for *_, call in jobs]
+    for _, run, _ in jobs:
+        saliency.prepare(method, run, example)
+    groups: dict[int, list[int]] = {}
+    for i, (model, _, _) in enumerate(jobs):
+        groups.setdefault(id(model), []).append(i)
+    device = example.device
+    cuda = device.type == "cuda"
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for s in _device_streams(device, workers) if cuda else [None] * workers:
+        if s is not None:
+            s.wait_stream(torch.cuda.current_stream(device))
+        free.put(s)
+    outs: list[torch.Tensor | None] = [None] * len(jobs)
+
+    def group(indices: list[int]) -> None:
+        s = free.get()
+        try:
+            with torch.cuda.stream(s) if s is not None else contextlib.nullcontext():
+                for i in indices:
+                    outs[i] = jobs[i][2]()
+        finally:
+            free.put(s)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cose-variant") as pool:
+        futures = [pool.submit(group, g) for g in groups.values()]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+    if cuda:
+        main = torch.cuda.current_stream(device)
+        for s in _device_streams(device, workers):
+            main.wait_stream(s)
+        for out in outs:
+            out.record_stream(main)
+    return outs
+
+
 @P.flags("fp32")  # the maps' passes switch to the unit's precision inside
 def explain_unit(
     model: nn.Module,
@@ -270,6 +367,7 @@ def explain_unit(
     precision: str = "auto",
     draws: Mapping[str, torch.Tensor] | None = None,
     noise_floor: bool = False,
+    streams: int | str | None = None,
 ) -> UnitResult:
     """Per-pair records (REFERENCE.md, step 6) for `images01` ([B,C,H,W] in [0,1]).
 
@@ -284,11 +382,13 @@ def explain_unit(
     signed transform, ``[B, k]`` (``explain.selection: reference``); by default each image's
     come from its own seeded generator (:func:`draw_magnitudes`). ``noise_floor``: add the
     ``seed`` variant, the same image and model explained once more with another seed (the
-    method's own self-consistency: 1 for a deterministic method).
+    method's own self-consistency: 1 for a deterministic method). ``streams``: how many model
+    variants are mapped at once (:func:`variant_workers`; default ``COSE_STREAMS``): the same
+    maps as one at a time.
 
     The steps: predict and map the originals; build the variants; stream the transformed
-    ones through predict, map, invert and score; map the model variants on the originals;
-    assemble the table."""
+    ones through predict, map, invert and score; predict and map the model variants on the
+    originals; assemble the table."""
     precision = P.resolve(precision, method)
     settings = settings or {}
     B, _, H, W = images01.shape
@@ -321,10 +421,19 @@ def explain_unit(
         del xb  # the batch's images are not needed for scoring
         scores.record(pieces, mb, tp)
 
-    # model changes on the original images
-    for k, var in enumerate(variants[n_tf:]):
-        tp = predict(var.model, x, batch_size)
-        scores.record([(n_tf + k, 0, B)], maps(var.model, x, tp, seed + 2 + k), tp)
+    # model changes on the original images: every prediction first (fp32), then the maps,
+    # up to `streams` models at a time (each on its own CUDA stream)
+    changes = variants[n_tf:]
+    preds = [predict(var.model, x, batch_size) for var in changes]
+    jobs = []
+    for k, (var, tp) in enumerate(zip(changes, preds)):
+        run = P.wrap(var.model, precision, method, x[:1])
+        jobs.append((var.model, run, functools.partial(
+            _explain, method, run, x, tp, settings, batch_size, seed + 2 + k)))
+    with P.flags(precision):
+        outs = run_models(method, jobs, x[:1], variant_workers(streams, dev, len(jobs)))
+    for k, (mk, tp) in enumerate(zip(outs, preds)):
+        scores.record([(n_tf + k, 0, B)], mk, tp)
 
     return UnitResult(
         pairs=_pair_table(variants, scores, test_idx, labels, pred),

@@ -40,6 +40,19 @@ def _prefetch(raw: str) -> str:
     return table[value]
 
 
+def _streams(raw: str) -> int | str:
+    value = raw.strip().lower() or "auto"
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"COSE_STREAMS: got {raw!r}, expected auto or an integer >= 1")
+    return n
+
+
 def _seconds(raw: str) -> float:
     try:
         value = float(raw.strip() or "0")
@@ -84,6 +97,11 @@ SETTINGS: dict[str, Setting] = {
         "prefetch", _prefetch, "auto",
         '`auto`, `1`, `0` (`auto`: on with CUDA)',
         'load the next (dataset, model) in the background'),
+    "COSE_STREAMS": Setting(
+        "streams", _streams, "auto",
+        '`auto`, an integer >= 1 (`auto`: up to 4 on CUDA, as memory allows; 1 elsewhere)',
+        "a unit's model variants (random-init, checkpoints) mapped at once, each on its own "
+        'CUDA stream'),
     "COSE_LOCK_WAIT": Setting(
         "lock_wait", _seconds, 0.0,
         'seconds (`0`)',
@@ -124,6 +142,7 @@ class Runtime:
     device: str | None = None
     backend: str = "local"
     prefetch: str = "auto"
+    streams: int | str = "auto"
     lock_wait: float = 0.0
     quiet_flag: bool = False
     ci: bool = False

@@ -21,7 +21,7 @@ from cose.saliency import _core, blur_ig, gradcam, gradcampp, guided_ig, ig, lim
 
 __all__ = [
     "METHODS", "Method", "auto_batch_size", "defaults", "explain", "get", "passes_model",
-    "register", "registered",
+    "prepare", "register", "registered",
 ]
 
 #: the reference's seven methods (cose.spec.BUILTIN_METHODS)
@@ -127,6 +127,14 @@ def passes_model(method: str, model: nn.Module, example: torch.Tensor) -> nn.Mod
     methods that only call it (`fusable` in their spec), `model` itself for the CAMs and any
     method registered without `fusable` (`example`: one model input, to check the folding)."""
     return _core.fast_model(model, example) if get(method).spec.fusable else model
+
+
+def prepare(method: str, model: nn.Module, example: torch.Tensor) -> None:
+    """Build (and cache) the module ``method``'s passes call on ``model`` as :func:`explain`
+    would, in eval mode: before ``model`` is explained from several threads at once, since the
+    conv+BN folding traces it with torch.fx, which patches nn.Module for every thread."""
+    with _core.guarded(model):
+        passes_model(method, model, example.to(_core.model_device(model, example.device)))
 
 
 def _check_settings(method: Method, settings: dict[str, Any]) -> dict[str, Any]:
