@@ -30,7 +30,8 @@ What it measures, per (model, method, precision), in one run (docs/gpu.md):
   (random-init model, checkpoints) that many at a time, each on its own CUDA stream (the row's
   "variant_workers"); the fp32 unit's model variants are also timed alone (no transforms),
   one at a time and then at once, with whether the records are identical
-  (the row's "model_variants");
+  (the row's "model_variants"; --variants: by default for the CAMs and GuidedIG, which call
+  each model variant with one row per image);
 - in passes: the share of a gradient method's unit time spent inside its model passes
   (pass_timer: CUDA events around every prob_grad call); the rest is the method's own work
   (GuidedIG's inner loop, IG's path inputs), predictions, transforms and similarity;
@@ -168,6 +169,10 @@ BENCH_SETTINGS = {"guided_ig": {"steps": 8}}
 #: a larger default would pay
 CURVE_BATCHES = (16, 50, 64, 256)
 MIN_CHEAP_IMAGES = 16
+#: the methods whose model variants are also timed alone (--variants): those that call a model
+#: variant with one row per image (the CAMs once, GuidedIG per step), where 50-row calls leave
+#: an H200 room; the others already put 25-1000 inputs per image into each call
+VARIANT_METHODS = CAM_METHODS + ("guided_ig",)
 EXPENSIVE = ("guided_ig", "lime")
 
 
@@ -594,6 +599,9 @@ def parse(argv):
                     help="model variants mapped at once (COSE_STREAMS): auto or N; every "
                          "unit runs so, and each item's fp32 unit's model variants are also "
                          "timed alone, one at a time and so")
+    ap.add_argument("--variants", default=",".join(VARIANT_METHODS),
+                    help="methods whose fp32 unit's model variants are also timed alone, one "
+                         "at a time and --streams at once: comma list, all, or none")
     ap.add_argument("--full-steps", action="store_true",
                     help="GuidedIG at its 200 steps (default: 8, scaled for the projection)")
     ap.add_argument("--smoke", action="store_true",
@@ -604,6 +612,7 @@ def parse(argv):
         args.device, args.models, args.size, args.images = "cpu", "demo_resnet", 32, "2"
         args.checkpoints, args.magnitudes, args.ref_maps = 2, 2, 2
         args.streams = "2" if args.streams == "auto" else args.streams  # auto is 1 on a CPU
+        args.variants = "all"
         args.limit_batch, args.limit_iters = 8, 2
         # one thread: on a shared CPU, OpenMP barriers stall for seconds under load
         args.threads = args.threads or 1
@@ -612,6 +621,11 @@ def parse(argv):
         # a loose allocator budget, so that every method runs on a busy CPU; the run itself
         # takes seconds
         args.budget_s = min(args.budget_s, 150.0)
+    args.variants = (set(METHODS) if args.variants == "all" else set() if args.variants == "none"
+                     else set(filter(None, args.variants.split(","))))
+    if args.variants - set(METHODS):
+        raise SystemExit(f"--variants: unknown {', '.join(sorted(args.variants - set(METHODS)))}"
+                         f"; allowed: {', '.join(METHODS)}, all, none")
     if args.streams != "auto":
         if not args.streams.isdigit() or int(args.streams) < 1:
             raise SystemExit(f"--streams: expected auto or an integer >= 1, got {args.streams!r}")
@@ -741,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         """Predicted seconds of an item: every precision on its full unit, plus the
         reference's maps (at least one; at most a fifth of ours once it is longer)."""
         ours = sum(ours_img(method, name, p) for p in precisions) * images_for[method]
-        if "fp32" in precisions:  # measure_variants: the model variants alone, twice
+        if "fp32" in precisions and method in args.variants:  # measure_variants: twice
             ours += (ours_img(method, name, "fp32") * images_for[method]
                      * 2 * (2 + args.checkpoints) / mpi)
         if method not in ref_methods:
@@ -771,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
             "limit_batch": args.limit_batch,
             "settings": settings,
             "images_per_method": images_for,
+            "streams": args.streams,
+            "variants_timed_for": sorted(args.variants, key=METHODS.index),
             "budget_s": args.budget_s,
             "elapsed_s": round(elapsed, 2),
             "over_budget": elapsed > args.budget_s,
@@ -915,6 +931,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["notes"].append(ref_cut)
             if prec == "fp32":
                 fp32_res = res
+            if prec == "fp32" and method in args.variants:
                 row["model_variants"] = measure_variants(
                     b, images01, labels, n, method, norm, settings[method], args.unit_batch,
                     args.streams, device)

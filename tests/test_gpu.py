@@ -193,6 +193,19 @@ def test_unit_sizes_and_the_planner():
     assert bench.plan_items([], 1.0) == []
 
 
+def test_stream_and_variant_options():
+    bench = _bench()
+    args = bench.parse([])
+    assert args.streams == "auto" and args.variants == {"gradcam", "gradcampp", "guided_ig"}
+    args = bench.parse(["--streams", "3", "--variants", "none"])
+    assert args.streams == 3 and args.variants == set()
+    assert bench.parse(["--variants", "all"]).variants == set(saliency.METHODS)
+    with pytest.raises(SystemExit, match="^--variants: unknown bogus; allowed: gradcam"):
+        bench.parse(["--variants", "ig,bogus"])
+    with pytest.raises(SystemExit, match="^--streams: expected auto or an integer >= 1"):
+        bench.parse(["--streams", "two"])
+
+
 def test_passes_per_map_match_the_reference_count():
     bench = _bench()
     for m in saliency.METHODS:
