@@ -330,18 +330,21 @@ def run_models(method: str,
         finally:
             free.put(s)
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cose-variant") as pool:
-        futures = [pool.submit(group, g) for g in groups.values()]
-        try:
-            for f in futures:
-                f.result()
-        finally:
-            for f in futures:
-                f.cancel()
-    if cuda:
-        main = torch.cuda.current_stream(device)
-        for s in _device_streams(device, workers):
-            main.wait_stream(s)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cose-variant") as pool:
+            futures = [pool.submit(group, g) for g in groups.values()]
+            try:
+                for f in futures:
+                    f.result()
+            finally:
+                for f in futures:
+                    f.cancel()
+    finally:  # errors included: nothing the side streams still read is freed under them
+        if cuda:
+            main = torch.cuda.current_stream(device)
+            for s in _device_streams(device, workers):
+                main.wait_stream(s)
+    if cuda:  # the maps were made on side streams and are read on the main one
         for out in outs:
             out.record_stream(main)
     return outs
