@@ -283,6 +283,11 @@ def variant_workers(streams: int | str | None, device: torch.device, jobs: int) 
     return max(1, min(AUTO_STREAMS, jobs, int(STREAM_MEMORY_SHARE * free // working)))
 
 
+def _at(precision: str, call: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with P.flags(precision):
+        return call()
+
+
 def _device_streams(device: torch.device, n: int) -> list:
     """``n`` side streams of ``device``, the same ones for every unit (the caching allocator
     keeps its blocks per stream: fresh streams per unit would strand them)."""
@@ -433,8 +438,12 @@ def explain_unit(
         run = P.wrap(var.model, precision, method, x[:1])
         jobs.append((var.model, run, functools.partial(
             _explain, method, run, x, tp, settings, batch_size, seed + 2 + k)))
-    with P.flags(precision):
-        outs = run_models(method, jobs, x[:1], variant_workers(streams, dev, len(jobs)))
+    workers = variant_workers(streams, dev, len(jobs))
+    if workers == 1:  # one at a time, each scored as it comes: one variant's maps held
+        outs: Iterator[torch.Tensor] = (_at(precision, call) for *_, call in jobs)
+    else:  # all held, then scored in fp32 (the flags are process-wide: not while maps run)
+        with P.flags(precision):
+            outs = iter(run_models(method, jobs, x[:1], workers))
     for k, (mk, tp) in enumerate(zip(outs, preds)):
         scores.record([(n_tf + k, 0, B)], mk, tp)
 
