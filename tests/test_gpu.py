@@ -206,6 +206,15 @@ def test_stream_and_variant_options():
         bench.parse(["--streams", "two"])
 
 
+def test_pass_time_counts_overlapping_passes_once():
+    """Model variants at once overlap their passes: the union counts, so the share of the
+    unit's wall time stays a share."""
+    union = _bench().union_length
+    assert union([]) == 0.0
+    assert union([(3.0, 4.0), (0.0, 1.0), (0.5, 2.0), (3.5, 3.7)]) == pytest.approx(3.0)
+    assert union([(0.0, 1.0), (1.0, 2.0), (0.0, 2.0)]) == pytest.approx(2.0)
+
+
 def test_passes_per_map_match_the_reference_count():
     bench = _bench()
     for m in saliency.METHODS:

@@ -45,12 +45,9 @@ def _streams(raw: str) -> int | str:
     if value == "auto":
         return value
     try:
-        n = int(value)
+        return _positive("COSE_STREAMS")(value)
     except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"COSE_STREAMS: got {raw!r}, expected auto or an integer >= 1")
-    return n
+        raise ValueError(f"COSE_STREAMS: got {raw!r}, expected auto or an integer >= 1") from None
 
 
 def _seconds(raw: str) -> float:
