@@ -169,6 +169,27 @@ def test_cose_by_family_figure_draws_one_point_per_model():
     assert ys == pytest.approx(sorted([0.55, 0.325, 0.7, 0.2]))
 
 
+def test_intervals_that_do_not_hold_their_point_are_drawn_as_they_are():
+    """A percentile bootstrap interval need not contain the point estimate: with one image
+    every replicate is that image, and lo = hi can sit an ulp above the estimate (found by
+    `dvc exp run -S explain.images=1`: matplotlib refused the negative error size)."""
+    from matplotlib.collections import LineCollection
+
+    summary = _summary_for_families()
+    summary["cose_lo"] = summary["cose"] - 0.05
+    summary["cose_hi"] = summary["cose"] + 0.05
+    v = summary.loc[0, "cose"]
+    summary.loc[0, ["cose_lo", "cose_hi"]] = [np.nextafter(v, 1), np.nextafter(v, 1)]
+    summary.loc[1, ["cose_lo", "cose_hi"]] = [0.52, 0.58]  # the point 0.5 lies below
+    ax = report.plot_cose_by_family(summary).figure.axes[0]
+    bars = [seg for c in ax.collections if isinstance(c, LineCollection)
+            and c.get_gid() == "intervals" for seg in c.get_segments()]
+    spans = sorted((round(float(s[:, 1].min()), 6), round(float(s[:, 1].max()), 6))
+                   for s in bars)
+    assert (0.52, 0.58) in spans and (round(v, 6), round(v, 6)) in spans
+    assert len(spans) == 6  # one bar per drawn point (the NaN cell has none)
+
+
 def test_values_outside_0_1_stay_in_view():
     # SSIM can be negative: sensitivity and COSE can exceed 1, consistency can be below 0
     summary = _summary_for_families()

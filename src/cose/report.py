@@ -335,11 +335,13 @@ def plot_cose_by_family(summary: pd.DataFrame, metric: str = "cose") -> Plot:
             for x, m in zip(positions, methods):
                 rows = data[(data["saliency_method"] == m) & (data["family"] == fam)]
                 lo, hi = rows[f"{metric}_lo"].to_numpy(float), rows[f"{metric}_hi"].to_numpy(float)
-                y = rows[metric].to_numpy(float)
                 ok = np.isfinite(lo) & np.isfinite(hi)
-                if ok.any():
-                    ax.errorbar(np.full(ok.sum(), x), y[ok], yerr=[y[ok] - lo[ok], hi[ok] - y[ok]],
-                                fmt="none", ecolor=FAMILY_COLORS[fam], elinewidth=1, capsize=3,
+                if ok.any():  # the bar spans [lo, hi] itself: a percentile interval need not
+                    # hold the point (COSE is a nonlinear statistic; with one image lo = hi
+                    # can sit an ulp beside it), and matplotlib refuses negative error sizes
+                    ax.errorbar(np.full(ok.sum(), x), (lo[ok] + hi[ok]) / 2,
+                                yerr=np.abs(hi[ok] - lo[ok]) / 2, fmt="none",
+                                ecolor=FAMILY_COLORS[fam], elinewidth=1, capsize=3,
                                 gid="intervals")
         ax.scatter([], [], color=FAMILY_COLORS[fam], label=fam)  # legend entry only
     ax.set_xticks(range(len(methods)), [_display(m) for m in methods])
