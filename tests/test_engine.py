@@ -284,6 +284,39 @@ def test_a_failing_model_variant_raises_its_error_after_the_others_stop():
     assert not [t for t in threading.enumerate() if t.name.startswith("cose-variant")]
 
 
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_a_plugin_method_runs_its_model_variants_at_once_only_when_declared(concurrent):
+    """A registered method may keep global state (a global random stream): its model variants
+    run one at a time on the caller's thread unless it is registered ``concurrent``."""
+    import threading
+
+    from cose.saliency import _core
+    from cose.saliency.postprocess import gradient_map
+
+    threads: list[str] = []
+
+    def grad_x_input(model, images, targets, max_target, *, batch_size=None):
+        threads.append(threading.current_thread().name)
+        return gradient_map(_core.prob_grad(model, images, targets, max_target) * images)
+
+    saliency.register("tmp_grad_x_input", grad_x_input, {"batch_size": None},
+                      concurrent=concurrent, fusable=True)
+    try:
+        one = _variant_unit("tmp_grad_x_input", {}, 1)
+        threads.clear()
+        many = _variant_unit("tmp_grad_x_input", {}, 3)
+    finally:
+        from cose import spec
+
+        saliency._REGISTRY.pop("tmp_grad_x_input", None)
+        spec.unregister_method("tmp_grad_x_input")
+    pd.testing.assert_frame_equal(one.pairs, many.pairs, check_exact=True)
+    on_pool = [t for t in threads if t.startswith("cose-variant")]
+    # random + 3 checkpoints, two calls each (5 images in calls of at most 4)
+    assert len(on_pool) == (8 if concurrent else 0), threads
+    assert saliency.get("guided_ig").spec.concurrent and saliency.get("gradcam").spec.concurrent
+
+
 def test_variant_workers_by_setting_device_and_memory(monkeypatch):
     from cose import engine
 

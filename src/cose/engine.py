@@ -391,8 +391,8 @@ def explain_unit(
     come from its own seeded generator (:func:`draw_magnitudes`). ``noise_floor``: add the
     ``seed`` variant, the same image and model explained once more with another seed (the
     method's own self-consistency: 1 for a deterministic method). ``streams``: how many model
-    variants are mapped at once (:func:`variant_workers`; default ``COSE_STREAMS``): the same
-    maps as one at a time.
+    variants are mapped at once (:func:`variant_workers`; default ``COSE_STREAMS``; 1 for a
+    method registered without ``concurrent``): the same maps as one at a time.
 
     The steps: predict and map the originals; build the variants; stream the transformed
     ones through predict, map, invert and score; predict and map the model variants on the
@@ -438,7 +438,9 @@ def explain_unit(
         run = P.wrap(var.model, precision, method, x[:1])
         jobs.append((var.model, run, functools.partial(
             _explain, method, run, x, tp, settings, batch_size, seed + 2 + k)))
-    workers = variant_workers(streams, dev, len(jobs))
+    # several at once only for a method declared safe on threads (the seven built-ins)
+    workers = variant_workers(streams, dev, len(jobs)) if saliency.get(
+        method).spec.concurrent else 1
     if workers == 1:  # one at a time, each scored as it comes: one variant's maps held
         outs: Iterator[torch.Tensor] = (_at(precision, call) for *_, call in jobs)
     else:  # all held, then scored in fp32 (the flags are process-wide: not while maps run)

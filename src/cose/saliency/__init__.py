@@ -76,6 +76,7 @@ def register(
     stochastic: bool | None = None,
     paper_images: int | None = None,
     fusable: bool = False,
+    concurrent: bool = False,
 ) -> Method:
     """Add a saliency method: `explain`, `defaults`, params.yaml (`methods`, `explain.settings`),
     `cose evaluate`, the tables, the report and MLflow then accept `name`.
@@ -85,7 +86,10 @@ def register(
     :class:`cose.spec.Setting`. `display`: its column name (default: `name`); `kind`: cam,
     gradient, perturbation or other; `stochastic` (default: it takes a `seed` setting): it
     gets a new seed per call, and a noise-floor variant; `fusable`: it only calls the model,
-    so a conv+BN-folded copy may stand in for it."""
+    so a conv+BN-folded copy may stand in for it; `concurrent`: calls on different models may
+    run at once on threads (no global state: torch's or numpy's global random stream, module
+    globals), so a unit maps its model variants several at a time (COSE_STREAMS); off, they
+    run one at a time."""
     if not callable(fn):
         raise ValueError(f"saliency method {name!r}: fn must be callable, got {type(fn).__name__}")
     if not replace and name in _REGISTRY:
@@ -93,7 +97,7 @@ def register(
     settings = dict(defaults or {})
     spec = _spec.register_method(_spec.MethodSpec(
         name, display or name, kind, "seed" in settings if stochastic is None else stochastic,
-        paper_images, settings, fusable=fusable, doc=doc), replace=True)
+        paper_images, settings, fusable=fusable, concurrent=concurrent, doc=doc), replace=True)
     m = Method(name, fn, spec)
     _REGISTRY[name] = m
     return m
