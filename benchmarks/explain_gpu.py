@@ -86,7 +86,7 @@ from torch import nn
 
 from cose import models as M
 from cose import precision as P
-from cose import saliency, scoring, spec
+from cose import runtime, saliency, scoring, spec
 from cose import transforms as T
 from cose.engine import UnitResult, explain_unit, predict, variant_workers
 from cose.saliency import _core
@@ -645,10 +645,11 @@ def parse(argv):
     if args.variants - set(METHODS):
         raise SystemExit(f"--variants: unknown {', '.join(sorted(args.variants - set(METHODS)))}"
                          f"; allowed: {', '.join(METHODS)}, all, none")
-    if args.streams != "auto":
-        if not args.streams.isdigit() or int(args.streams) < 1:
-            raise SystemExit(f"--streams: expected auto or an integer >= 1, got {args.streams!r}")
-        args.streams = int(args.streams)
+    try:  # COSE_STREAMS's own parser: auto or an integer >= 1
+        args.streams = runtime.SETTINGS["COSE_STREAMS"].parse(args.streams)
+    except ValueError:
+        raise SystemExit(f"--streams: expected auto or an integer >= 1, got {args.streams!r}"
+                         ) from None
     return args
 
 

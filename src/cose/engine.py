@@ -310,8 +310,6 @@ def run_models(method: str,
     precision's flags; the conv+BN-folded copies are built here first, since torch.fx's
     tracing patches nn.Module for every thread. The first error is raised once every running
     job has stopped."""
-    if workers <= 1 or len(jobs) <= 1:
-        return [call() for *_, call in jobs]
     for _, run, _ in jobs:
         saliency.prepare(method, run, example)
     groups: dict[int, list[int]] = {}
@@ -319,10 +317,12 @@ def run_models(method: str,
         groups.setdefault(id(model), []).append(i)
     device = example.device
     cuda = device.type == "cuda"
+    streams = _device_streams(device, workers) if cuda else [None] * workers
+    main = torch.cuda.current_stream(device) if cuda else None
     free: queue.SimpleQueue = queue.SimpleQueue()
-    for s in _device_streams(device, workers) if cuda else [None] * workers:
+    for s in streams:
         if s is not None:
-            s.wait_stream(torch.cuda.current_stream(device))
+            s.wait_stream(main)  # the unit's inputs and predictions, made on the main stream
         free.put(s)
     outs: list[torch.Tensor | None] = [None] * len(jobs)
 
@@ -346,8 +346,7 @@ def run_models(method: str,
                     f.cancel()
     finally:  # errors included: nothing the side streams still read is freed under them
         if cuda:
-            main = torch.cuda.current_stream(device)
-            for s in _device_streams(device, workers):
+            for s in streams:
                 main.wait_stream(s)
     if cuda:  # the maps were made on side streams and are read on the main one
         for out in outs:

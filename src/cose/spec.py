@@ -120,7 +120,8 @@ class MethodSpec:
     ``fusable``: its passes only call the model (no hooks on its modules), so they may run a
     conv+BN-folded copy of it. ``concurrent``: calls on different models may run at once on
     threads (no global state, such as torch's or numpy's global random stream), so a unit maps
-    its model variants several at a time (``COSE_STREAMS``). ``paper_images``: the test images the paper explained with it.
+    its model variants several at a time (``COSE_STREAMS``). ``paper_images``: the test images
+    the paper explained with it.
     ``reference_dir``: its folder in the reference code's ``outputs/`` (None: not in it)."""
 
     name: str
@@ -175,28 +176,30 @@ def unregister_method(name: str) -> None:
 for _spec in (
     MethodSpec("gradcam", "GradCAM", "cam", concurrent=True, paper_images=500, settings=_CAM,
                reference_dir="gradcam", order=1, doc="GradCAM (pytorch-grad-cam)"),
-    MethodSpec("gradcampp", "GradCAM++", "cam", concurrent=True, paper_images=500, settings=_CAM,
-               reference_dir="gradcamPP", order=2, doc="GradCAM++ (pytorch-grad-cam)"),
-    MethodSpec("ig", "IG", "gradient", concurrent=True, paper_images=500, reference_dir="ig", fusable=True,
-               order=4, settings={"steps": Setting(25, "int", 1), "batch_size": _BATCH},
+    MethodSpec("gradcampp", "GradCAM++", "cam", concurrent=True, paper_images=500,
+               settings=_CAM, reference_dir="gradcamPP", order=2,
+               doc="GradCAM++ (pytorch-grad-cam)"),
+    MethodSpec("ig", "IG", "gradient", concurrent=True, paper_images=500, reference_dir="ig",
+               fusable=True, order=4,
+               settings={"steps": Setting(25, "int", 1), "batch_size": _BATCH},
                doc="Integrated Gradients (PAIR saliency), zero baseline"),
-    MethodSpec("smoothgrad", "SmoothGrad", "gradient", concurrent=True, stochastic=True, paper_images=50,
-               reference_dir="smoothgrad", fusable=True, order=6,
+    MethodSpec("smoothgrad", "SmoothGrad", "gradient", concurrent=True, stochastic=True,
+               paper_images=50, reference_dir="smoothgrad", fusable=True, order=6,
                settings={"samples": Setting(50, "int", 1), "noise": Setting(0.15, "float", 0),
                          "seed": Setting(0, "seed"), "batch_size": _BATCH},
                doc="SmoothGrad over vanilla gradients (PAIR saliency), squared"),
-    MethodSpec("blur_ig", "BlurIG", "gradient", concurrent=True, paper_images=50, reference_dir="blur_ig",
-               fusable=True, order=0,
+    MethodSpec("blur_ig", "BlurIG", "gradient", concurrent=True, paper_images=50,
+               reference_dir="blur_ig", fusable=True, order=0,
                settings={"steps": Setting(100, "int", 1), "max_sigma": Setting(50.0, "float", 0),
                          "grad_step": Setting(0.01, "float", 0), "batch_size": _BATCH},
                doc="Blur IG (PAIR saliency)"),
-    MethodSpec("guided_ig", "GuidedIG", "gradient", concurrent=True, paper_images=50, reference_dir="guided_ig",
-               fusable=True, order=3,
+    MethodSpec("guided_ig", "GuidedIG", "gradient", concurrent=True, paper_images=50,
+               reference_dir="guided_ig", fusable=True, order=3,
                settings={"steps": Setting(200, "int", 1), "max_dist": Setting(0.02, "float", 0),
                          "fraction": Setting(0.25, "float", 0), "batch_size": _BATCH},
                doc="Guided IG (PAIR saliency), zero baseline"),
-    MethodSpec("lime", "LIME", "perturbation", concurrent=True, stochastic=True, paper_images=50,
-               reference_dir="lime", fusable=True, order=5,
+    MethodSpec("lime", "LIME", "perturbation", concurrent=True, stochastic=True,
+               paper_images=50, reference_dir="lime", fusable=True, order=5,
                settings={"samples": Setting(1000, "int", 1), "num_features": Setting(10, "int", 1),
                          "seed": Setting(0, "seed"), "batch_size": _BATCH,
                          "kernel_size": Setting(None, "float", 1, optional=True,
