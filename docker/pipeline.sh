@@ -6,6 +6,13 @@
 # (e.g. `-- dvc exp run -S explain.images=4`). DVC_REMOTE picks the remote (default: team).
 set -euo pipefail
 
+# The stack's secrets stay on the host: compose mounts an empty .env over the checkout's.
+if [[ -f .env && -s .env ]]; then
+    echo "pipeline: refusing to run: .env (the stack's secrets) is visible in the container;" \
+         "start it with docker/compose.yaml, which hides it" >&2
+    exit 1
+fi
+
 if [[ "${1:-}" == "--" ]]; then
     shift
     exec "$@"

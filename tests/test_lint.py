@@ -170,6 +170,9 @@ def test_compose_pipeline_reserves_a_gpu_and_uses_the_stack():
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
     assert pipeline["build"]["target"] == "runtime"
+    # the checkout is mounted, its .env (every secret of the stack) is not readable
+    assert "..:/workspace" in pipeline["volumes"]
+    assert "/dev/null:/workspace/.env:ro" in pipeline["volumes"]
     assert (ROOT / pipeline["entrypoint"][-1]).exists()
 
 
@@ -226,6 +229,12 @@ def test_images_and_actions_pinned():
     ("example", "(the .env.example value)"),
     ({"DVC_S3_SECRET_KEY": "short"}, "DVC_S3_SECRET_KEY(shorter than 12 characters)"),
     ({"DVC_S3_ACCESS_KEY": "cose-root"}, "DVC_S3_ACCESS_KEY(unset or the MinIO root user"),
+    ({"MLFLOW_S3_ACCESS_KEY": "cose-dvc"}, "MLFLOW_S3_ACCESS_KEY(the same key as DVC_S3_ACCESS_KEY"),
+    ({"MLFLOW_ADMIN_PASSWORD": "password1234"}, "MLFLOW_ADMIN_PASSWORD(a well-known default"),
+    ({"MINIO_ROOT_PASSWORD": "MinioAdmin"}, "MINIO_ROOT_PASSWORD(a well-known default"),
+    ({"MLFLOW_S3_SECRET_KEY": "a-real-secret-02-xyz"},
+     "MLFLOW_S3_SECRET_KEY(the same value as DVC_S3_SECRET_KEY"),
+    ("reused", "(the same value as POSTGRES_PASSWORD"),
     ("good", None),
 ])
 def test_stack_refuses_example_or_missing_secrets(secrets, refused):
@@ -243,6 +252,8 @@ def test_stack_refuses_example_or_missing_secrets(secrets, refused):
                                             "MLFLOW_S3_ACCESS_KEY")})
     elif secrets == "good":
         env.update(good)
+    elif secrets == "reused":  # one long secret in every field: each repeat named
+        env.update({**good, **{n: "one-long-secret-for-all" for n in names}})
     else:
         env.update({**good, **secrets} if secrets else {})
     res = subprocess.run(["sh", str(ROOT / "docker" / "preflight.sh")], env=env,
@@ -253,6 +264,9 @@ def test_stack_refuses_example_or_missing_secrets(secrets, refused):
         assert res.returncode == 1 and refused in res.stderr, res.stderr
     if secrets == "example":  # every example secret is named
         assert all(n in res.stderr for n in names)
+    if secrets == "reused":
+        assert all(f"{n}(the same value as" in res.stderr for n in names[1:])
+        assert "one-long-secret" not in res.stderr  # named, never printed
     compose = _compose()["services"]
     for name, svc in compose.items():
         if name not in ("preflight", "volume-init"):
@@ -340,3 +354,17 @@ def test_ruff_clean():
     res = subprocess.run([ruff, "check", "src", "tests", "benchmarks"], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_pipeline_container_refuses_a_visible_env_file(tmp_path):
+    """docker/pipeline.sh stops before any work when the checkout's .env can be read (the
+    compose file hides it; a hand-made `docker run -v $PWD:/workspace` would not)."""
+    (tmp_path / ".env").write_text("MINIO_ROOT_PASSWORD=a-real-secret-01-xyz\n")
+    res = subprocess.run(["bash", str(ROOT / "docker" / "pipeline.sh"), "--", "true"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 1 and "refusing to run: .env" in res.stderr, res.stderr
+    assert "a-real-secret" not in res.stdout + res.stderr
+    (tmp_path / ".env").write_text("")  # what the compose mount shows: nothing to read
+    res = subprocess.run(["bash", str(ROOT / "docker" / "pipeline.sh"), "--", "true"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -251,3 +251,24 @@ def tmp_project_copy(request, tmp_path):
     shutil.copytree(source, dest, symlinks=True)
     shutil.rmtree(dest / "mlruns", ignore_errors=True)
     return dest
+
+
+def test_credentials_in_the_tracking_uri_never_printed(server, tmp_path):
+    """A tracking URI with a login (``http://user:password@host``) and a password in the
+    environment: MLflow's own "View run ... at: <URI>" lines, and every line of ours, are
+    printed with the credentials masked (the server here takes no login, so the push runs)."""
+    project = _project(tmp_path / "proj")
+    down = f"http://127.0.0.1:{_free_port()}"
+    result = _stage(project, down, "cose-redact", required=False, retries=0,
+                    MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    assert result["ok"] is False
+    secret, token = "pw-Kq8d7Hs2x", "tok-Zr91mmYw0"
+    uri = server["url"].replace("http://", f"http://alice:{secret}@")
+    env = _env(MLFLOW_TRACKING_URI=uri, COSE_PROJECT_ROOT=str(project),
+               MLFLOW_TRACKING_TOKEN=token)
+    res = subprocess.run([str(BIN / "cose"), "log"], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=180)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "View run" in out and "alice:***@127.0.0.1" in out  # MLflow's line, masked
+    assert secret not in out and token not in out

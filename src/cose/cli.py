@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         p = sub.add_parser(stage, help=helps[stage], description=helps[stage])
         _add_params(p)
+        if stage == "train":
+            p.add_argument("--dvc-stage", action="store_true",
+                           help="train the one (dataset, model) that DVC names in $DVC_STAGE "
+                                "(dvc.yaml: no param value passes through the shell)")
         if stage == "explain":
             p.add_argument("--backend", choices=("local", "ray"), default=None,
                            help="executor for work units (default: $COSE_BACKEND or local)")
@@ -147,6 +151,24 @@ def _load(args: argparse.Namespace):
     return config.load(args.params, args.overrides)
 
 
+def _matrix_item(cfg, stage: str, addressing: str):
+    """``cfg`` narrowed to the matrix item of dvc.yaml's ``stage`` that DVC runs now: DVC
+    names it in ``DVC_STAGE`` (``train@digits-demo_resnet``, after ``path/dvc.yaml:`` in a
+    subfolder), so dvc.yaml's commands hold no param value for a shell to interpret. The item
+    is looked up among the validated names of ``cfg`` (identifiers: no ``-`` in them)."""
+    import dataclasses
+
+    name = addressing.rpartition(":")[2]
+    items = {f"{d}-{m}": (d, m) for d in cfg.datasets for m in cfg.models}
+    group, _, key = name.partition("@")
+    if group != stage or key not in items:
+        shown = f"{addressing!r}" if addressing else "unset"
+        raise ConfigError(f"--dvc-stage: DVC_STAGE is {shown}, expected {stage}@<item> with an "
+                          f"item of params.yaml ({', '.join(items)}); it is set by `dvc repro`")
+    dataset, model = items[key]
+    return dataclasses.replace(cfg, datasets=(dataset,), models=(model,))
+
+
 def _run(args: argparse.Namespace) -> int:
     from cose.stages import common
 
@@ -217,6 +239,8 @@ def _run(args: argparse.Namespace) -> int:
         return _evaluate(args)
 
     cfg = _load(args)
+    if getattr(args, "dvc_stage", False):
+        cfg = _matrix_item(cfg, args.command, os.environ.get("DVC_STAGE", ""))
     if args.command in ("validate", "train", "explain"):
         for dataset in cfg.datasets:  # fail before any work starts
             common.data_dir(cfg, dataset)
@@ -352,6 +376,13 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cose.tracking import redacted_output
+
+    with redacted_output():  # our lines and every library's: no credential is printed
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     import warnings
 
     warnings.formatwarning = _warning_line

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,11 @@ class TrainConfig:
                 raise ConfigError(f"{prefix}.{key}: got {getattr(self, key)!r}, expected "
                                   f"{expected}")
 
+        finite = math.isfinite
         need(self.epochs > 0, "epochs", "> 0")
         need(self.batch_size > 0, "batch_size", "> 0")
+        for key in ("lr", "weight_decay", "momentum", "grad_clip", "plateau_factor"):
+            need(finite(getattr(self, key)), key, "a finite number")
         need(self.lr > 0, "lr", "> 0")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
         need(0 <= self.momentum < 1, "momentum", "in [0, 1)")
@@ -286,6 +290,8 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
     if annotation.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: got {value!r}, expected an integer")
+        if abs(value) > MAX_INT:  # torch and numpy take 64-bit integers at most
+            raise ConfigError(f"{key}: got {value!r}, expected an integer of at most {MAX_INT}")
         return value
     if annotation.startswith("float"):
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -295,7 +301,13 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: got {value!r}, expected a number")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(f"{key}: got {value!r}, expected a finite number") from None
+        if not math.isfinite(value):  # .inf, .nan: a number no stage can use
+            raise ConfigError(f"{key}: got {value!r}, expected a finite number")
+        return value
     if annotation.startswith("str"):
         if not isinstance(value, str):
             raise ConfigError(f"{key}: got {value!r}, expected a string")
@@ -324,6 +336,18 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+#: the largest integer a param may hold (64-bit signed), and a seed (numpy's RandomState)
+MAX_INT = 2**63 - 1
+MAX_SEED = 2**32 - 1
+#: tracking's retry policy: a stage waits at most about backoff_s * 2**retries for MLflow
+MAX_RETRIES, MAX_BACKOFF_S = 20, 600.0
+
+
+def _check_range(key: str, value: float, lo: float, hi: float, what: str = "") -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}: got {value!r}, expected {lo!r}..{hi!r}{what}")
+
+
 def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}: got {value!r}, expected {'>= 0' if allow_zero else '> 0'}")
@@ -332,7 +356,10 @@ def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
 def _check_names(key: str, values: tuple[str, ...], allowed: tuple[str, ...] | list[str]) -> None:
     if not values:
         raise ConfigError(f"{key}: empty list; allowed: {', '.join(allowed)}")
-    for v in values:
+    for v in values:  # names become folders, stage names and MLflow keys: identifiers only
+        if not v.isidentifier():
+            raise ConfigError(f"{key}: {v!r} is not a name (letters, digits and _, not "
+                              f"starting with a digit); allowed: {', '.join(allowed)}")
         if v not in allowed:
             raise ConfigError(f"{key}: unknown value {v!r}; allowed: {', '.join(allowed)}")
     if len(set(values)) != len(values):
@@ -341,12 +368,12 @@ def _check_names(key: str, values: tuple[str, ...], allowed: tuple[str, ...] | l
 
 def validate(cfg: Config, check_registries: bool = True) -> Config:
     """Range and name checks that go beyond types."""
-    if cfg.seed < 0:
-        raise ConfigError(f"seed: got {cfg.seed!r}, expected >= 0")
+    _check_range("seed", cfg.seed, 0, MAX_SEED, " (a seed)")
     _check_names("methods", cfg.methods, spec.methods())
-    if check_registries:  # the names, built-in and registered, are the spec's
-        _check_names("datasets", cfg.datasets, spec.datasets())
-        _check_names("models", cfg.models, spec.models())
+    # the names, built-in and registered, are the spec's; without the registries (a plugin
+    # not loaded) they are still checked to be names
+    _check_names("datasets", cfg.datasets, spec.datasets() if check_registries else cfg.datasets)
+    _check_names("models", cfg.models, spec.models() if check_registries else cfg.models)
     t = cfg.train  # its own ranges are checked when it is built (TrainConfig.check)
     for model, w in t.weights.items():
         if w is not None and not isinstance(w, str):
@@ -377,7 +404,7 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
     _check_positive("explain.shard_size", e.shard_size)
     _check_positive("explain.batch_size", e.batch_size)
     _check_positive("explain.sample_maps", e.sample_maps, allow_zero=True)
-    _check_positive("explain.seed", e.seed, allow_zero=True)
+    _check_range("explain.seed", e.seed, 0, MAX_SEED, " (a seed)")
     _check_names("explain.transforms", e.transforms, TRANSFORM_NAMES)
     if e.precision not in spec.PRECISION_CHOICES:
         raise ConfigError(f"explain.precision: got {e.precision!r}; allowed: "
@@ -409,8 +436,8 @@ def validate(cfg: Config, check_registries: bool = True) -> Config:
                           "[0.5, 1)")
     if not 0 <= c.nan_share <= 1:
         raise ConfigError(f"compile.nan_share: got {c.nan_share}, expected a share in [0, 1]")
-    _check_positive("tracking.retries", cfg.tracking.retries, allow_zero=True)
-    _check_positive("tracking.backoff_s", cfg.tracking.backoff_s, allow_zero=True)
+    _check_range("tracking.retries", cfg.tracking.retries, 0, MAX_RETRIES)
+    _check_range("tracking.backoff_s", cfg.tracking.backoff_s, 0, MAX_BACKOFF_S, " seconds")
     return cfg
 
 

@@ -67,6 +67,8 @@ class Setting:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise bad
             value = int(value)
+            if (not 0 <= value <= 2**32 - 1) if self.kind == "seed" else abs(value) > 2**63 - 1:
+                raise bad  # a seed numpy takes, an integer torch takes
         elif self.kind == "float":
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
                     float(value)):
@@ -85,7 +87,8 @@ class Setting:
         return value
 
     def _expected(self) -> str:
-        what = {"int": "an integer", "float": "a finite number", "seed": "an integer or null",
+        what = {"int": "an integer", "float": "a finite number",
+                "seed": "an integer in 0..4294967295 or null",
                 "callable": "a callable or null (Python API)",
                 "layer": "a module name such as 'layer4', or null"}.get(self.kind, self.kind)
         if self.minimum is not None:

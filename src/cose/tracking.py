@@ -418,15 +418,63 @@ _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:]
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:token|password|secret|access_key|secret_key|sig)=)[^&\s]+")
 
 
+#: environment variables whose values are secrets wherever they appear in a message
+_SECRET_ENV = re.compile(r"(?i)(PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|_AUTH$)")
+_MIN_SECRET = 6  # shorter values are too common to mask without garbling text
+
+
+def _secret_values() -> list[str]:
+    values = {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= _MIN_SECRET}
+    return sorted(values, key=len, reverse=True)
+
+
 def redact(text: str) -> str:
     """``text`` with the credentials of any URI in it masked: ``https://user:token@host`` ->
     ``https://user:***@host``, ``https://token@host`` -> ``https://***@host``, ``?token=...`` ->
-    ``?token=***``. Used on every message that may
-    hold a tracking URI (warnings, errors, logs)."""
+    ``?token=***``; and the value of every secret environment variable
+    (``MLFLOW_TRACKING_PASSWORD``, ``AWS_SECRET_ACCESS_KEY``, ``*_TOKEN``, ...) as ``***``.
+    Used on every message that may hold one (warnings, errors, logs, and MLflow's own lines:
+    :func:`redacted_output`)."""
     def mask(m: re.Match) -> str:  # user:password -> user:***; a lone user may be a token
         user = m.group("user") if m.group(3) else "***"
         return f"{m.group('scheme')}{user}{':***' if m.group(3) else ''}@"
-    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(mask, str(text)))
+    text = _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(mask, str(text)))
+    for value in _secret_values():
+        text = text.replace(value, "***")
+    return text
+
+
+class RedactingStream:
+    """A text stream that writes through :func:`redact`: what a library prints (MLflow's
+    "View run ... at: <tracking URI>", a warning holding a URI) loses its credentials too."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text))
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def redacted_output() -> Iterator[None]:
+    """``sys.stdout`` and ``sys.stderr`` through :class:`RedactingStream` (the CLI runs every
+    command inside it); restored afterwards."""
+    import sys
+
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(saved[0]), RedactingStream(saved[1])
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 def _one_line(exc: BaseException) -> str:
