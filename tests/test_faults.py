@@ -418,3 +418,59 @@ def test_outputs_keep_the_umask_and_reruns_clear_stale_temp_files(project):
     assert not list((project / "results").rglob("*.tmp"))
     assert json.loads((project / "results" / "metrics.json").read_text())
     assert len(pd.read_csv(project / "results" / "summary.csv")) == 2
+
+
+# --------------------------------------------------------------------------- 11. labels (#29)
+
+
+def test_compile_refuses_settings_that_did_not_make_the_outputs(project):
+    """`cose compile -S explain.settings.ig.steps=8` on outputs made with 3 steps: one line
+    naming the setting and both values, nothing written; the params that made them compile."""
+    _run_units(_cfg(project))
+    params = _write_params(project, _params(project / "data"))
+    for override, made, asked in (("explain.settings.ig.steps=8", "steps=3", "8"),
+                                  ("explain.images=1", "images=2", "1"),
+                                  ("explain.magnitudes=4", "magnitudes=1", "4"),
+                                  ("seed=5", "seed=0", "5")):
+        res = _cose(project, "compile", "--params", params, "-S", override)
+        line = _one_error(res)
+        assert res.returncode == 2 and made in line and f"params say {asked}" in line, line
+        assert not (project / "results" / "summary.csv").exists()
+    res = _cose(project, "compile", "--params", params)
+    assert res.returncode == 0, res.stderr
+    made = json.loads((common.explain_dir("digits", MODEL, "ig") / common.CELL_PARAMS)
+                      .read_text())
+    assert made["explain"]["settings"] == {"steps": 3, "batch_size": None}
+    # a setting written out at its default is the same params as one left unset
+    res = _cose(project, "compile", "--params", params, "-S", "explain.settings.gradcam.layer=null")
+    assert res.returncode == 0, res.stderr
+
+
+def test_report_refuses_outputs_without_their_params(project):
+    _run_units(_cfg(project))
+    (common.explain_dir("digits", MODEL, "gradcam") / common.CELL_PARAMS).unlink()
+    res = _cose(project, "report", "--params", _write_params(project, _params(project / "data")))
+    assert res.returncode == 2
+    assert "holds no record of the params that made it" in _one_error(res)
+
+
+def test_killed_compile_marks_the_results_folder_incomplete(project, monkeypatch):
+    from cose.stages import compile as compile_stage
+
+    cfg = _cfg(project)
+    _run_units(cfg)
+    compile_stage._compile(cfg)
+    marker = project / "results" / compile_stage.INCOMPLETE
+    assert not marker.exists()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill between the tables and the report
+
+    original = compile_stage.write_report
+    monkeypatch.setattr(compile_stage, "write_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compile_stage._compile(cfg)
+    assert marker.exists() and "did not finish" in marker.read_text()
+    monkeypatch.setattr(compile_stage, "write_report", original)
+    compile_stage._compile(cfg)
+    assert not marker.exists()

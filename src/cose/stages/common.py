@@ -36,6 +36,61 @@ def explain_dir(dataset: str, model: str, method: str) -> Path:
     return EXPLAIN / dataset / model / method
 
 
+#: beside each cell's pairs.parquet: the params that made it (compile checks them)
+CELL_PARAMS = "params.json"
+# explain params that do not change a pair's numbers (the batch size and the shard size split
+# the same work), and those a cell holds in its own form (images, settings)
+_UNLABELLED = ("batch_size", "shard_size", "images", "images_by_method", "settings")
+
+
+def cell_params(cfg: Config, dataset: str, model: str, method: str) -> dict:
+    """The params one explain cell's pairs and sample maps are made from, resolved (a setting
+    left at its default equals the default written out): the explain stage writes them beside
+    the cell's pairs.parquet, compile and the report refuse to label the cell with others."""
+    from cose import spec
+
+    explain = {k: v for k, v in cfg.to_dict()["explain"].items() if k not in _UNLABELLED}
+    train = cfg.train_for(model)
+    return {"seed": cfg.seed, "dataset": dataset, "model": model, "method": method,
+            "explain": {**explain, "images": cfg.explain.images_for(method),
+                        "settings": spec.check_settings(
+                            method, cfg.explain.settings.get(method, {}))},
+            "train": {"save_epochs": list(train.save_epochs),
+                      "checkpoint_base": train.checkpoint_base}}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_cell_params(cfg: Config, dataset: str, model: str, method: str) -> None:
+    """ConfigError (one line) unless the cell's explain outputs were made with the params of
+    ``cfg``: results are never labelled with settings that did not make them."""
+    import json
+
+    folder = explain_dir(dataset, model, method)
+    path = folder / CELL_PARAMS
+    try:
+        made = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{folder} holds no record of the params that made it ({path}); "
+                          "run `cose explain` (or `dvc repro`) with these params first") from None
+    want = _flat(json.loads(json.dumps(cell_params(cfg, dataset, model, method), default=str)))
+    have = _flat(made)
+    for key in sorted(set(want) | set(have)):
+        if want.get(key, "<unset>") != have.get(key, "<unset>"):
+            raise ConfigError(
+                f"{folder} was made with {key}={have.get(key, '<unset>')!r} but the params say "
+                f"{want.get(key, '<unset>')!r}: run `cose explain` (or `dvc repro`) with these "
+                "params first, or compile with the params that made it")
+
+
 def quiet() -> bool:
     return runtime.current().quiet
 

@@ -25,6 +25,9 @@ from cose.tracking import Journal
 
 log = logging.getLogger("cose.compile")
 
+#: in results/ while compile rewrites it (left there by a compile that did not finish)
+INCOMPLETE = "INCOMPLETE.txt"
+
 HEADLINE = ("overall_consistency", "sensitivity", "cose", "cose_hmean", "noise_floor")
 
 
@@ -38,6 +41,7 @@ def load_pairs(cfg: Config) -> pd.DataFrame:
                     raise FileNotFoundError(
                         f"{path} is missing; run the explain stage first (`cose explain`)"
                     )
+                common.check_cell_params(cfg, dataset, model, method)
                 parts.append(pd.read_parquet(path))
     return pd.concat(parts, ignore_index=True)
 
@@ -195,6 +199,9 @@ def run(cfg: Config) -> pd.DataFrame:
 def _compile(cfg: Config):
     """Score the per-pair tables and write results/ (under the compile lock)."""
     remove_temp_files(common.RESULTS)  # what a killed compile left behind
+    if (common.RESULTS / INCOMPLETE).exists():
+        log.warning("compile: %s says an earlier compile did not finish; rewriting every "
+                    "result", common.RESULTS / INCOMPLETE)
     pairs = load_pairs(cfg)
     from cose.data.validate import validate_pairs
 
@@ -212,8 +219,16 @@ def _compile(cfg: Config):
     comparisons = uncertainty.compare_methods(pairs, nan=c.nan, bootstrap=c.bootstrap,
                                               level=c.level, seed=cfg.seed)
     accuracies = train_accuracies(cfg)
+    # results/ is rewritten file by file: until the last one is in, the folder says so (a
+    # killed compile leaves the marker beside a mix of new and old files)
+    marker = common.RESULTS / INCOMPLETE
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, "`cose compile` started writing this folder and did not finish: "
+                      "its files may come from two runs. Run `cose compile` (or `dvc repro`) "
+                      "again; it removes this file when every result is written.\n")
     written = write_results(summary, pairs, common.RESULTS, accuracies, means, comparisons)
     written += write_report(cfg, summary, pairs, common.RESULTS, accuracies)
+    marker.unlink()
     return summary, written
 
 

@@ -382,8 +382,11 @@ def merge(cfg: Config, units: list[Unit]) -> dict[tuple[str, str, str], pd.DataF
         df = runner.tag_rows(pd.concat(parts, ignore_index=True), dataset, model, method)
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)
-        atomic_write_bytes(common.explain_dir(dataset, model, method) / "pairs.parquet",
-                           buf.getvalue())
+        folder = common.explain_dir(dataset, model, method)
+        atomic_write_bytes(folder / "pairs.parquet", buf.getvalue())
+        atomic_write_text(folder / common.CELL_PARAMS, json.dumps(
+            common.cell_params(cfg, dataset, model, method), indent=1, sort_keys=True,
+            default=str) + "\n")
         out[(dataset, model, method)] = df
     return out
 
