@@ -8,12 +8,11 @@ import dataclasses
 
 import pytest
 import yaml
+from conftest import make_project, sh
 
 from cose import config
 from cose.cli import _matrix_item
 from cose.config import ConfigError
-
-from conftest import make_project, sh
 
 INJECTIONS = ["digits$(touch INJECTED)", "x`touch INJECTED`", "x'; touch INJECTED; '",
               'x"; touch INJECTED; "', "../../victim", "a b", "-rf", "x\ntouch INJECTED"]
@@ -117,3 +116,137 @@ def test_injection_through_params_and_exp_run_never_runs(tmp_path):
              check=False)
     assert res.returncode != 0 and "is not a name" in res.stdout + res.stderr
     assert not (proj / "INJECTED").exists()
+
+
+# --------------------------------------------------------------------------- data folders
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb to PIL)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def _folder(base, classes=("cat", "dog"), n=3):
+    from PIL import Image
+
+    for c in classes:
+        (base / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (40 * i, 100 if c == "cat" else 200, 7)).save(
+                base / c / f"{i}.png")
+    return base
+
+
+@pytest.fixture
+def registered(tmp_path, monkeypatch):
+    """A registered image-folder dataset ``hard_ds`` (removed again afterwards)."""
+    from cose import data, spec
+    from cose.data.sources import SOURCES
+
+    monkeypatch.chdir(tmp_path)
+    src = _folder(tmp_path / "src")
+    data.register("hard_ds", src, replace=True)
+    yield src
+    SOURCES.pop("hard_ds", None)
+    spec._DATASETS.pop("hard_ds", None)
+
+
+def test_symlink_out_of_the_data_folder_is_refused(registered, tmp_path):
+    from cose import data
+    from cose.data.validate import validate_dataset
+
+    target = data.fetch("hard_ds", "data")
+    outside = tmp_path / "secret.png"
+    (target / "images" / "cat" / "0.png").rename(outside)
+    (target / "images" / "cat" / "0.png").symlink_to(outside)  # same bytes: hash matches
+    report = validate_dataset(target)
+    assert not report.ok
+    assert "file_inside_dataset_folder" in str(report) and "images/cat/0.png" in str(report)
+    split = next(r["split"] for r in data.read_rows(target) if r["path"].endswith("cat/0.png"))
+    with pytest.raises(ValueError, match=r"0\.png: leads outside the dataset folder .*refused"):
+        data.load_split("hard_ds", "data", split, data.PreprocessSpec(8, 8))
+    # a link that stays inside the folder is fine
+    (target / "images" / "cat" / "0.png").unlink()
+    (target / "images" / "cat" / "0.png").symlink_to((target / "images" / "cat" / "1.png")
+                                                     .resolve())
+    assert data.image_path(target, "images/cat/0.png").is_file()
+
+
+def test_symlink_and_empty_class_in_an_image_folder_are_refused(registered, tmp_path):
+    from cose import data
+
+    (registered / "cat" / "link.png").symlink_to("/etc/hostname")
+    with pytest.raises(ValueError, match=r"link\.png: a symbolic link out of the image folder"):
+        data.fetch("hard_ds", "data")
+    (registered / "cat" / "link.png").unlink()
+    (registered / "bird").mkdir()
+    with pytest.raises(ValueError, match=r"class folder\(s\) bird hold no images"):
+        data.fetch("hard_ds", "data")
+    assert not (tmp_path / "data" / "hard_ds").exists()  # nothing half-built
+
+
+def test_decompression_bomb_names_the_file(registered):
+    from cose import data
+
+    (registered / "dog" / "bomb.png").write_bytes(_png_header(40000, 40000))
+    with pytest.raises(ValueError, match=r"dog/bomb\.png: not a readable image"):
+        data.fetch("hard_ds", "data")
+    with pytest.raises(ValueError, match=r"bomb\.png: cannot read the image"):
+        data.open_rgb(registered / "dog" / "bomb.png")
+
+
+def test_changed_source_is_detected_and_force_rebuilds(registered, tmp_path):
+    import subprocess
+
+    from conftest import BIN, project_env
+    from PIL import Image
+
+    plugin = tmp_path / "plugins"
+    plugin.mkdir()
+    (plugin / "ds.py").write_text(f"from cose import data\ndata.register('hard_ds', "
+                                  f"{str(registered)!r})\n")
+    env = {**project_env(tmp_path), "COSE_PROJECT_ROOT": str(tmp_path)}
+    env.pop("PYTHONPATH")
+
+    def fetch(*extra):
+        return subprocess.run([str(BIN / "cose"), "data", "fetch", "hard_ds", *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    assert fetch().returncode == 0
+    assert fetch().returncode == 0  # unchanged: kept as it is
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(registered / "dog" / "new.png")
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(registered / "cat" / "1.png")
+    res = fetch()
+    assert res.returncode != 0
+    err = res.stderr.strip().splitlines()[-1]
+    assert "changed since" in err and "1 added (e.g. dog/new.png)" in err, err
+    assert "1 changed (e.g. cat/1.png)" in err and "cose data fetch hard_ds --force" in err
+    res = fetch("--force")
+    assert res.returncode == 0, res.stderr
+    assert fetch().returncode == 0
+    assert (tmp_path / "data" / "hard_ds" / "images" / "dog" / "new.png").is_file()
+
+
+def test_train_checks_image_hashes_against_the_manifest(tmp_path):
+    from cose import data
+    from cose.stages import common
+
+    data.fetch("digits", tmp_path / "data")
+    cfg = config.validate(config.from_dict({"data": {"root": str(tmp_path / "data")}}))
+    assert common.check_images(cfg, "digits", ("train", "test")) == 1797
+    row = next(r for r in data.read_rows(tmp_path / "data" / "digits") if r["split"] == "train")
+    path = tmp_path / "data" / "digits" / row["path"]
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))
+    with pytest.raises(ValueError, match=r"its bytes differ from the sha256.*"
+                                         r"cose data fetch digits --force"):
+        common.check_images(cfg, "digits", ("train", "test"))

@@ -268,3 +268,22 @@ def test_trivial_augment_is_the_official_rule():
     g = torch.Generator().manual_seed(5)
     op = torch.randint(len(T.TRIVIAL_OPS), (64,), generator=g)
     assert not bool(changed[op == 0].any())  # the identity leaves its images as they are
+
+
+def test_resumed_fit_reports_every_epoch_exactly_once(tmp_path):
+    """A run killed after epoch 2 and resumed: the caller's log (the stage's MLflow run) gets
+    epochs 1..3 once each, with the numbers the first process computed for 1 and 2."""
+    first = []
+
+    def stop(epoch, metrics):
+        first.append((epoch, dict(metrics)))
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, M.create("demo_resnet", 3, seed=0), CFG, on_epoch=stop)
+    second = []
+    _fit(tmp_path, M.create("demo_resnet", 3, seed=0), CFG,
+         on_epoch=lambda e, m: second.append((e, dict(m))))
+    assert [e for e, _ in second] == [1, 2, 3]
+    assert second[:2] == first

@@ -425,7 +425,9 @@ def load_folder(
         if not chosen:
             have = sorted({r["split"] for r in rows})
             raise ValueError(f"{root}: no images in split {split!r}; available: {', '.join(have)}")
-        files = [(root / r["path"], int(r["label"])) for r in chosen]
+        from cose.data import image_path
+
+        files = [(image_path(root, r["path"]), int(r["label"])) for r in chosen]
     else:
         def listing(folder: Path) -> list[Path]:
             return sorted(p for p in folder.iterdir()

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = dsub.add_parser("fetch", help="download/export a dataset into data/NAME with a manifest")
     fetch.add_argument("name", help="dataset name (digits is embedded; see `cose data list`)")
     fetch.add_argument("--root", default="data", help="data folder (default: data)")
+    fetch.add_argument("--force", action="store_true",
+                       help="rebuild data/NAME even where it exists (its source changed, or a "
+                            "file of it is damaged)")
     dsub.add_parser("list", help="list the dataset names")
 
     helps = {
@@ -189,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"dataset: unknown value {args.name!r}; allowed: {', '.join(data.names())}"
             )
-        path = data.fetch(args.name, root=args.root)
+        path = data.fetch(args.name, root=args.root, force=args.force)
         print(f"{args.name}: {path}")
         return 0
     if args.command == "log":

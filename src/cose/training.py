@@ -268,6 +268,10 @@ def fit(
             history = list(state["history"])
             start = int(state["epoch"]) + 1
             log.info("resuming from %s after epoch %d", last, start - 1)
+            # the epochs done before the interruption reach the caller's log once, now: the
+            # killed process never sent them (its run is logged only when a stage finishes)
+            for done in history if on_epoch is not None else ():
+                on_epoch(int(done["epoch"]), {k: v for k, v in done.items() if k != "epoch"})
 
         for epoch in range(start, cfg.epochs + 1):
             _train_mode(model, cfg)

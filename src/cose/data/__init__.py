@@ -20,7 +20,15 @@ from torch.utils.data import Dataset
 
 from .download import ChecksumError, Resource, UnsafeArchiveError, download, extract, verify
 from .image import PreprocessSpec, load_image, open_rgb, to_rgb
-from .manifest import MANIFEST, MANIFEST_COLUMNS, building, read_classes, read_rows, sha256_file
+from .manifest import (
+    MANIFEST,
+    MANIFEST_COLUMNS,
+    building,
+    image_path,
+    read_classes,
+    read_rows,
+    sha256_file,
+)
 from .sources import SOURCES
 
 __all__ = [
@@ -34,6 +42,7 @@ __all__ = [
     "download",
     "extract",
     "fetch",
+    "image_path",
     "load_image",
     "load_split",
     "names",
@@ -79,7 +88,21 @@ def register(name: str, source, *, description: str = "", replace: bool = False)
         prepare_imagefolder(_folder, out)
 
     SOURCES[name] = lambda: Source(name, description or f"images from {folder}", prepare,
-                                   local=True)
+                                   local=True, folder=folder)
+
+
+def _source_changes(folder: Path, target: Path) -> str:
+    """How the image folder ``folder`` differs from the dataset built from it at ``target``
+    ('' when it does not): files added, removed or with other bytes."""
+    from .sources import imagefolder_files
+
+    built = {r["path"].removeprefix("images/"): r.get("sha256", "") for r in read_rows(target)}
+    now = set(imagefolder_files(folder))
+    added, removed = now - set(built), set(built) - now
+    changed = [f for f in sorted(now & set(built)) if sha256_file(folder / f) != built[f]]
+    parts = [f"{len(v)} {what} (e.g. {sorted(v)[0]})" for v, what in
+             ((added, "added"), (removed, "removed"), (changed, "changed")) if v]
+    return ", ".join(parts)
 
 
 def _check_name(name: str) -> None:
@@ -121,9 +144,15 @@ def fetch(
     _check_name(name)
     root = Path(root)
     target = root / name
-    if (target / MANIFEST).is_file() and not force:
-        return target
     src = SOURCES[name]()
+    if (target / MANIFEST).is_file() and not force:
+        if src.folder is not None and src.folder.is_dir():
+            changes = _source_changes(src.folder, target)
+            if changes:
+                raise ValueError(f"dataset {name!r}: {src.folder} changed since {target} was "
+                                 f"built ({changes}); rebuild it with `cose data fetch {name} "
+                                 "--force`")
+        return target
     if src.local:  # a registered image folder: nothing to download
         with building(target, force=True) as out:
             src.prepare(Path(source) if source is not None else target, out)
@@ -193,7 +222,7 @@ def load_split(
     rows = _select(folder, split)
     if indices is not None:
         rows = [rows[i] for i in indices]
-    images = torch.stack([load_image(folder / r["path"], spec) for r in rows])
+    images = torch.stack([load_image(image_path(folder, r["path"]), spec) for r in rows])
     labels = torch.tensor([int(r["label"]) for r in rows], dtype=torch.int64)
     return images, labels
 
@@ -212,4 +241,4 @@ class ManifestDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return load_image(self.folder / self.paths[i], self.spec), self.labels[i]
+        return load_image(image_path(self.folder, self.paths[i]), self.spec), self.labels[i]

@@ -35,9 +35,39 @@ class Row:
 
 
 def image_info(path: str | Path) -> tuple[int, int, str]:
-    """(width, height, mode) read from the file header."""
-    with Image.open(path) as im:
-        return im.width, im.height, im.mode
+    """(width, height, mode) read from the file header; ValueError naming the file when it
+    is not an image or is too large to decode safely (a decompression bomb)."""
+    try:
+        with Image.open(path) as im:
+            return im.width, im.height, im.mode
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def leaves_folder(path: str | Path, folder: str | Path) -> Path | None:
+    """Where ``path`` really leads when that is outside ``folder`` (a symbolic link, or a link
+    among its parents, out of the folder), else None. A link into this project's DVC cache
+    (``cache.type symlink``) stays inside."""
+    real = Path(path).resolve()
+    roots = [Path(folder).resolve(), Path(".dvc", "cache").resolve()]
+    return None if any(_inside(real, r) for r in roots) else real
+
+
+def image_path(folder: str | Path, rel: str) -> Path:
+    """``folder/rel`` for a manifest path, refusing one that leaves the dataset folder
+    (absolute, ``..``, or a symbolic link out of it) with one line naming both."""
+    folder = Path(folder)
+    path = folder / rel
+    outside = None if safe_relpath(rel) else path
+    outside = outside or leaves_folder(path, folder)
+    if outside is not None:
+        raise ValueError(f"{path}: leads outside the dataset folder {folder} (to {outside}); "
+                         "refused: copy the file into the folder instead of linking it")
+    return path
 
 
 def write_manifest(folder: str | Path, rows: Iterable[Row], classes: Sequence[str]) -> Path:

@@ -10,6 +10,7 @@ seed 0 over torchvision's item order (sorted classes, sorted files).
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .download import Resource, extract
-from .manifest import Row, assign_splits, write_manifest
+from .manifest import Row, assign_splits, leaves_folder, write_manifest
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -33,6 +34,7 @@ class Source:
     resources: tuple[Resource, ...] = field(default_factory=tuple)
     splits: tuple[str, ...] = ("train", "test")
     local: bool = False  # prepared from a local folder (a registered dataset): no download
+    folder: Path | None = None  # that folder (``cose data fetch`` compares it with the build)
 
 
 def _extract_fresh(archive: Path, work: Path) -> Path:
@@ -208,16 +210,42 @@ def prepare_oxford102(raw: Path, out: Path) -> None:
 # ------------------------------------------------------------------------------ imagefolder
 
 
+def imagefolder_files(src: Path) -> list[str]:
+    """The image files an image folder contributes, relative to it (``<split>/<class>/f`` or
+    ``<class>/f``), sorted; ValueError naming the first symbolic link that leads out of it."""
+    src = Path(src)
+    for here, dirs, files in os.walk(src):  # links are checked, never followed
+        for name in dirs + files:
+            entry = Path(here) / name
+            if entry.is_symlink() and (outside := leaves_folder(entry, src)) is not None:
+                raise ValueError(f"{entry}: a symbolic link out of the image folder {src} "
+                                 f"(to {outside}); refused: copy the file in instead")
+    splits = [d for d in ("train", "val", "test") if (src / d).is_dir()]
+    tops = [src / s for s in splits] if splits else [src]
+    return sorted(str(p.relative_to(src).as_posix()) for top in tops
+                  for c in sorted(top.iterdir()) if c.is_dir() for p in _list_images(c))
+
+
 def prepare_imagefolder(src: Path, out: Path) -> None:
     """``src/<split>/<class>/*`` (splits among train/val/test) or ``src/<class>/*`` (80/20
-    seeded split). Files are copied into ``out/images`` with the same relative paths."""
+    seeded split). Files are copied into ``out/images`` with the same relative paths. A class
+    folder without images, or a symbolic link out of ``src``, is refused naming it."""
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"imagefolder source {src} is not a folder")
+    files = imagefolder_files(src)
     split_dirs = [d for d in ("train", "val", "test") if (src / d).is_dir()]
+    tops = [src / s for s in split_dirs] if split_dirs else [src]
+    folders = sorted({c.name for top in tops for c in top.iterdir() if c.is_dir()})
+    used = {f.split("/")[-2] for f in files}
+    empty = [c for c in folders if c not in used]
+    if files and empty:
+        raise ValueError(f"imagefolder source {src}: class folder(s) {', '.join(empty)} hold no "
+                         f"images ({', '.join(IMAGE_SUFFIXES)}): remove them or add images "
+                         "(an empty class would be a class no image has)")
     shutil.copytree(src, out / "images")
     if split_dirs:
-        classes = sorted({c.name for s in split_dirs for c in (src / s).iterdir() if c.is_dir()})
+        classes = folders
         rows = [Row(f"images/{s}/{c}/{p.name}", classes.index(c), s)
                 for s in split_dirs for c in classes if (src / s / c).is_dir()
                 for p in _list_images(src / s / c)]

@@ -23,7 +23,15 @@ from cose.columns import PAIR_COLUMNS
 from cose.spec import TRANSFORMS
 
 from .image import CONVERTED_MODES
-from .manifest import CLASSES, MANIFEST, MANIFEST_COLUMNS, SPLITS, read_classes, sha256_file
+from .manifest import (
+    CLASSES,
+    MANIFEST,
+    MANIFEST_COLUMNS,
+    SPLITS,
+    leaves_folder,
+    read_classes,
+    sha256_file,
+)
 
 TRANSFORM_TYPE_PATTERN = (r"^(?:" + "|".join(TRANSFORMS)
                           + r"|random|seed|mid_ckpt_[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*)$")
@@ -173,12 +181,16 @@ def _present(df: pd.DataFrame, wanted: tuple[str, ...], gx: Any) -> tuple[list[A
 def _file_checks(folder: Path, df: pd.DataFrame, hashes: bool) -> pd.DataFrame:
     from PIL import Image
 
-    exists, sha_ok, image_ok = [], [], []
+    exists, inside, sha_ok, image_ok = [], [], [], []
     for row in df.itertuples(index=False):
         path = str(getattr(row, "path", ""))
         f = folder / path
-        if not path or re.search(_UNSAFE_PATH, path) or not f.is_file():
-            exists.append(False)
+        # a symbolic link out of the folder is never read (nor hashed)
+        stays = bool(path) and not re.search(_UNSAFE_PATH, path) and leaves_folder(
+            f, folder) is None
+        inside.append(stays)
+        if not stays or not f.is_file():
+            exists.append(stays and f.is_file())
             sha_ok.append(False)
             image_ok.append(False)
             continue
@@ -196,6 +208,7 @@ def _file_checks(folder: Path, df: pd.DataFrame, hashes: bool) -> pd.DataFrame:
         except Exception:  # noqa: BLE001 - any decode error means a corrupt image
             image_ok.append(False)
     return pd.DataFrame({"path": df.get("path", pd.Series([""] * len(df))).astype(str),
+                         "file_inside_dataset_folder": inside,
                          "file_exists": exists, "sha256_matches": sha_ok,
                          "image_decodes_with_manifest_size_and_mode": image_ok})
 

@@ -136,25 +136,43 @@ def image_digests(cfg: Config, dataset: str, test_idx) -> dict[int, tuple[str, i
     against the file's bytes: a changed or corrupted image is a one-line error naming it,
     never numbers from other data."""
     from cose import data
-    from cose.io import sha256_file_cached
 
     folder = data.dataset_dir(dataset, cfg.data.root)
     rows = data.split_rows(dataset, cfg.data.root, "test")
-    out = {}
-    for i in test_idx:
-        row = rows[i]
-        path = folder / row["path"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: listed in {folder / 'manifest.csv'} but missing; "
-                                    "re-fetch the dataset or `dvc pull` it")
-        digest = sha256_file_cached(path)
-        if row.get("sha256") and digest != row["sha256"]:
-            raise ValueError(f"{path}: its bytes differ from the sha256 in "
-                             f"{folder / 'manifest.csv'} (changed or corrupted after it was "
-                             "written); re-fetch the dataset (`cose data fetch NAME --force`) "
-                             "or `dvc pull` it")
-        out[int(i)] = (row.get("sha256") or digest, int(row["label"]))
-    return out
+    return {int(i): (_checked_digest(folder, dataset, rows[i]), int(rows[i]["label"]))
+            for i in test_idx}
+
+
+def _checked_digest(folder: Path, dataset: str, row: dict[str, str]) -> str:
+    """The sha256 of one manifest row's file, checked against the manifest: a missing,
+    changed or linked-out file is a one-line error naming it."""
+    from cose import data
+    from cose.io import sha256_file_cached
+
+    path = data.image_path(folder, row["path"])
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: listed in {folder / 'manifest.csv'} but missing; "
+                                f"re-fetch the dataset (`cose data fetch {dataset} --force`) or "
+                                "`dvc pull` it")
+    digest = sha256_file_cached(path)
+    if row.get("sha256") and digest != row["sha256"]:
+        raise ValueError(f"{path}: its bytes differ from the sha256 in "
+                         f"{folder / 'manifest.csv'} (changed or corrupted after it was "
+                         f"written); re-fetch the dataset (`cose data fetch {dataset} --force`) "
+                         "or `dvc pull` it")
+    return row.get("sha256") or digest
+
+
+def check_images(cfg: Config, dataset: str, splits: tuple[str, ...]) -> int:
+    """Every image of ``splits`` checked against the manifest's sha256 (as explain checks its
+    test images), before training reads one; returns how many."""
+    from cose import data
+
+    folder = data.dataset_dir(dataset, cfg.data.root)
+    rows = [r for r in data.read_rows(folder) if r["split"] in splits]
+    for row in rows:
+        _checked_digest(folder, dataset, row)
+    return len(rows)
 
 
 def explain_subset(cfg: Config, dataset: str, model: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

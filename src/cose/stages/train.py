@@ -53,6 +53,7 @@ def train_one(cfg: Config, dataset: str, model_name: str, journal: Journal) -> d
     nc = common.num_classes(cfg, dataset)
     spec = models.preprocess(model_name)
     recipe = cfg.train_for(model_name)
+    common.check_images(cfg, dataset, ("train", "test"))  # the bytes the manifest names
     tr_x, tr_y = load_training_split(cfg, dataset, "train", spec, recipe.max_train_images)
     te_x, te_y = load_training_split(cfg, dataset, "test", spec)
     out = common.ckpt_dir(dataset, model_name)
