@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cose.remote import RemoteError, check_remote, default_remote
+from cose.remote import RemoteError, check_remote, default_remote, default_remote_source
 
 pytestmark = pytest.mark.slow
 
@@ -205,8 +205,8 @@ def test_push_pull_through_s3_team_remote(source, s3, home):
     # push: credentials and endpoint from the environment (.env / CI secrets)
     push_env = _env(home, AWS_ACCESS_KEY_ID=s3["key"], AWS_SECRET_ACCESS_KEY=s3["secret"],
                     AWS_ENDPOINT_URL_S3=s3["url"])
-    assert "team" in _sh(["dvc", "remote", "default"], source, push_env).stdout
-    _sh(["dvc", "push"], source, push_env)
+    assert "local" in _sh(["dvc", "remote", "default"], source, push_env).stdout
+    _sh(["dvc", "push", "-r", "team"], source, push_env)
     listed = s3["client"].list_objects_v2(Bucket=BUCKET, Prefix="dvc/")
     assert listed["KeyCount"] >= len(expected)
 
@@ -216,6 +216,7 @@ def test_push_pull_through_s3_team_remote(source, s3, home):
     for key, value in (("endpointurl", s3["url"]), ("access_key_id", s3["key"]),
                        ("secret_access_key", s3["secret"])):
         _sh(["dvc", "remote", "modify", "--local", "team", key, value], clone, env)
+    _sh(["dvc", "remote", "default", "--local", "team"], clone, env)  # a team member's clone
     assert _sh(["git", "status", "--porcelain"], clone, env).stdout == ""  # config.local ignored
     _sh(["dvc", "pull"], clone, env)
     assert _files(clone) == expected
@@ -257,11 +258,22 @@ def aws_env(monkeypatch, home):
 
 
 def test_check_remote_accepts_good_settings(source, s3, aws_env):
-    assert default_remote(source) == "team"
+    assert default_remote(source) == "local"
     aws_env.setenv("AWS_ACCESS_KEY_ID", s3["key"])
     aws_env.setenv("AWS_SECRET_ACCESS_KEY", s3["secret"])
     aws_env.setenv("AWS_ENDPOINT_URL_S3", s3["url"])
     check_remote("team", root=source)
+
+
+def test_default_remote_says_where_it_is_set(source, tmp_path, aws_env):
+    """A fresh clone pulls from the credential-free local remote (.dvc/config); a team member's
+    `dvc remote default --local team` makes S3 this clone's default (.dvc/config.local)."""
+    assert default_remote_source(source) == ("local", ".dvc/config")
+    _sh(["dvc", "remote", "default", "--local", "team"], source, _env(tmp_path))
+    try:
+        assert default_remote_source(source) == ("team", ".dvc/config.local")
+    finally:
+        (source / ".dvc" / "config.local").unlink()
 
 
 @pytest.mark.parametrize("key_id, code", [("AKIAWRONGWRONGWRONG1", "InvalidAccessKeyId"),

@@ -31,6 +31,7 @@ def test_params_files_are_fixed_points_of_dvcs_yaml_writer(tmp_path):
     """`dvc exp run -S key=value` rewrites params.yaml with ruamel's round trip: a file that
     round-trips unchanged keeps its comments, flow mappings and layout, and only the set line
     changes."""
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` calls
     from dvc.utils.serialize import modify_yaml
 
     for src in [ROOT / "params.yaml", *sorted((ROOT / "params" / "paper").glob("*.yaml"))]:
@@ -42,6 +43,18 @@ def test_params_files_are_fixed_points_of_dvcs_yaml_writer(tmp_path):
         changed = [(a, b) for a, b in zip(before, after) if a != b]
         assert len(before) == len(after) and len(changed) == 1, (src.name, changed[:3])
         assert changed[0][1].lstrip().startswith("images: 3"), changed
+        # DVC's -S path (hydra overrides merged into ruamel's round trip): each scalar set
+        # changes its one line, comments and lists elsewhere stay as they are
+        for override, line in (("explain.images=3", "images: 3"), ("seed=7", "seed: 7"),
+                               ("train.lr=0.01", "lr: 0.01"),
+                               ("explain.magnitudes=2", "magnitudes: 2")):
+            copy.write_bytes(src.read_bytes())
+            apply_overrides(copy, [override])
+            after = copy.read_text().splitlines()
+            changed = [(a, b) for a, b in zip(before, after) if a != b]
+            assert len(before) == len(after) and len(changed) == 1, (src.name, override,
+                                                                     changed[:3])
+            assert changed[0][1].lstrip().startswith(line), (src.name, changed)
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -172,17 +185,22 @@ def test_push_commit_clone_pull_and_experiments(tmp_path, s3, home):  # noqa: F8
     headline = json.loads((proj / "results" / "headline.json").read_text())
     assert set(headline["cose"]) == {"gradcam", "ig"}
     assert all(isinstance(v, float) for v in headline["cose"].values())
-    sh(["dvc", "push", "-r", "local"], proj, env=env(proj))
-    sh(["dvc", "push"], proj, env=env(proj, **creds))  # the team remote: S3
+    sh(["dvc", "push"], proj, env=env(proj))  # the README's plain push: the local remote
+    sh(["dvc", "push", "-r", "team"], proj, env=env(proj, **creds))  # the team remote: S3
     expected = _files(proj)
 
     clones = {}
-    for name, remote_args, extra in (("clone-s3", [], creds), ("clone-local", ["-r", "local"], {})):
+    for name, extra in (("clone-s3", creds), ("clone-local", {})):
         clone = tmp_path / name
         sh(["git", "clone", "-q", str(proj), str(clone)], tmp_path, env=env(clone))
         sh(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], clone,
            env=env(clone))
-        sh(["dvc", "pull", *remote_args], clone, env=env(clone, **extra))
+        if name == "clone-s3":  # a team member's clone (README, Team setup, step 3)
+            sh(["dvc", "remote", "default", "--local", "team"], clone, env=env(clone))
+        check = sh(["cose", "remote", "check"], clone, env=env(clone, **extra))
+        where = ".dvc/config.local" if name == "clone-s3" else ".dvc/config"
+        assert f"the default remote, set in {where}" in check.stdout, check.stdout
+        sh(["dvc", "pull"], clone, env=env(clone, **extra))  # plain, as the README says
         assert _files(clone) == expected, name
         assert "up to date" in sh(["dvc", "status"], clone, env=env(clone)).stdout.lower()
         res = sh(["dvc", "repro"], clone, env=env(clone))

@@ -231,11 +231,19 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "remote":
-        from cose.remote import check_remote, default_remote
+        from cose.remote import check_remote, default_remote_source
 
-        name = args.name or default_remote()
-        check_remote(name)
-        print(f"remote {name!r}: ok")
+        if args.name:
+            check_remote(args.name)
+            print(f"remote {args.name!r}: ok")
+            return 0
+        name, where = default_remote_source()
+        why = f"the default remote, set in {where}"
+        try:
+            check_remote(name)
+        except RuntimeError as exc:
+            raise type(exc)(f"{exc} ({why})") from None
+        print(f"remote {name!r}: ok ({why}; `dvc push` and `dvc pull` use it)")
         return 0
 
     if args.command == "evaluate":
@@ -401,7 +409,7 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as exc:
         if debug:
             raise
-        print(f"cose: error: {exc}", file=sys.stderr)
+        print(f"cose: error: {exc}{_undo_hint(args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cose: interrupted (finished outputs are kept; a rerun resumes)", file=sys.stderr)
@@ -419,6 +427,16 @@ def _main(argv: list[str] | None) -> int:
         if rest and isinstance(exc, ValueError):  # a validation report's table
             print(_redact(rest), file=sys.stderr)
         return 1
+
+
+def _undo_hint(args: argparse.Namespace) -> str:
+    """Under DVC (``dvc repro``, ``dvc exp run -S``: DVC_STAGE is set), a refused value sits in
+    the params file, where ``dvc exp run -S`` wrote it before any stage ran: say how to undo."""
+    params = getattr(args, "params", None)
+    if not os.environ.get("DVC_STAGE") or not params:
+        return ""
+    return (f" ({params} holds this value: `dvc exp run -S` writes it there before the stages "
+            f"run; `git diff {params}` shows it, `git checkout -- {params}` undoes it)")
 
 
 def _redact(text: str) -> str:

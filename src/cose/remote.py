@@ -39,17 +39,29 @@ def _open_repo(root: str | Path | None, name: str):
         raise RemoteError(f"remote {name!r}: not inside a DVC repository ({exc})") from None
 
 
-def default_remote(root: str | Path | None = None) -> str:
-    """The name of the DVC default remote (`core.remote`)."""
+#: DVC's config levels, the one that wins first, and where each one is
+_LEVELS = (("local", ".dvc/config.local"), ("repo", ".dvc/config"),
+           ("global", "your user's DVC config"), ("system", "the system's DVC config"))
+
+
+def default_remote_source(root: str | Path | None = None) -> tuple[str, str]:
+    """The DVC default remote (``core.remote``) and the config file that sets it (the
+    clone's ``.dvc/config.local`` wins over the committed ``.dvc/config``)."""
     repo = _open_repo(root, "(default)")
     try:
-        name = repo.config.get("core", {}).get("remote")
+        for level, where in _LEVELS:
+            name = repo.config.load_one(level).get("core", {}).get("remote")
+            if name:
+                return str(name), where
     finally:
         repo.close()
-    if not name:
-        raise RemoteError("no default DVC remote; name one, or set it with "
-                          "`dvc remote default NAME`")
-    return str(name)
+    raise RemoteError("no default DVC remote; name one, or set it with "
+                      "`dvc remote default NAME`")
+
+
+def default_remote(root: str | Path | None = None) -> str:
+    """The name of the DVC default remote (`core.remote`)."""
+    return default_remote_source(root)[0]
 
 
 def remote_config(name: str, root: str | Path | None = None) -> dict[str, Any]:
