@@ -33,8 +33,10 @@ demo: install
 	@echo
 	@echo "to share this run: git add -A && git commit (dvc.lock, results/*.json), then dvc push (README, Share results)"
 
-## exp: experiments side by side: the params that differ and COSE per method (README)
-exp: install
+## exp: experiments side by side: the params that differ and COSE per method (README); it needs
+## only dvc: the venv's if there is one, else the one on PATH (no install to show a table)
+exp:
+	@command -v dvc >/dev/null || { echo "make exp needs dvc: run make install (or pip install dvc)" >&2; exit 1; }
 	dvc exp show --only-changed --keep '^cose\.'
 
 ## test: install dev extras and run the whole test suite

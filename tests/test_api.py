@@ -324,14 +324,18 @@ def test_readme_example_runs(tiny_project, tmp_path):
     work.mkdir()
     for name in ("data", "checkpoints"):
         (work / name).symlink_to(tiny_project / name)
+    (work / "outputs").mkdir()  # as after `make demo`
     (work / "example.py").write_text(python)
     env = project_env(tiny_project)  # the project's own source, run from another folder
     res = subprocess.run([sys.executable, "example.py"], cwd=work, env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "cose" in res.stdout and "gradcam" in res.stdout
-    pngs = list(work.glob("*.png"))
+    pngs = list((work / "outputs").glob("*.png"))
     assert pngs and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+    assert not list(work.glob("*.png"))  # nothing for `git add -A` to pick up
+    ignored = subprocess.run(["git", "check-ignore", "-q", "outputs/cose_scores.png"], cwd=ROOT)
+    assert ignored.returncode == 0
     cmd = shell.replace("\\\n", " ").strip()
     res = subprocess.run(cmd, shell=True, cwd=work, env=env, capture_output=True, text=True,
                          timeout=900)

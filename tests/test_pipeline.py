@@ -74,6 +74,10 @@ def test_mlflow_has_nested_tagged_runs_for_each_stage(tiny_project):
     assert child and any("cose" in r.data.metrics for r in child)
     train = [r for r in runs if r.data.tags.get("dvc.stage") == "train"
              and "mlflow.parentRunId" in r.data.tags]
+    # each (dataset, model) of DVC's train matrix is its own stage run, named after its cell
+    roots = sorted(r.data.tags["mlflow.runName"] for r in runs
+                   if r.data.tags.get("cose.run") == "train")
+    assert roots == ["train digits/demo_resnet", "train digits/demo_vit"], roots
     hist = client.get_metric_history(train[0].info.run_id, "val_acc")
     assert len(hist) >= 2  # a per-epoch curve
     assert not list((tiny_project / "mlruns" / "pending").glob("*.json"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -113,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--transforms", default=None,
                     help="comma-separated COSE transforms (default: all 13)")
     ev.add_argument("--magnitudes", type=int, default=6,
-                    help="magnitudes drawn per image and signed transform (default 6)")
+                    help="magnitudes drawn per image and signed transform (default 6, the "
+                         "paper's; the demo's params.yaml lowers explain.magnitudes to 3 to fit "
+                         "a 2-core CPU)")
     ev.add_argument("--seed", type=int, default=0, help="image selection and magnitude draws")
     ev.add_argument("--batch-size", type=int, default=64, help="images per model call")
     ev.add_argument("--setting", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -142,9 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rchk.add_argument("name", nargs="?", default=None,
                       help="remote name (default: the DVC default remote)")
-    ui = sub.add_parser("ui", help="MLflow UI on the project store (mlruns/)")
-    ui.add_argument("--port", type=int, default=5000)
-    ui.add_argument("--host", default="127.0.0.1")
+    ui = sub.add_parser("ui", help="MLflow UI on the project store (mlruns/); prints the page "
+                                   "of the COSE table")
+    _add_params(ui)
+    ui.add_argument("--port", type=int, default=5000,
+                    help="port of the UI (default 5000: http://127.0.0.1:5000)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 "
+                         "opens it to the network without a login)")
+    return parser
+
+
+def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The parser of the (sub-)command ``args`` ran: its usage is the one to show."""
+    for dest in ("command", "data_command", "remote_command"):
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, dest, None)
+        if not actions or name not in actions[0].choices:
+            break
+        parser = actions[0].choices[name]
     return parser
 
 
@@ -203,14 +222,24 @@ def _run(args: argparse.Namespace) -> int:
         print(f"replayed {pushed} pending log(s); {failed} still pending")
         return 1 if failed else 0
     if args.command == "ui":
-        from cose.tracking import artifact_root, relocate_store, tracking_uri
+        from cose.tracking import artifact_root, experiment_id, relocate_store, tracking_uri, ui_url
 
         (Path.cwd() / "mlruns").mkdir(exist_ok=True)
         relocate_store()  # a moved checkout shows its own artifacts
-        cmd = ["mlflow", "ui", "--backend-store-uri", tracking_uri(),
+        name = _load(args).tracking.experiment if Path(args.params).is_file() else "cose"
+        exp = experiment_id(name)
+        base = f"http://{args.host}:{args.port}"
+        if exp is None:
+            print(f"MLflow UI: {base} (no COSE runs yet: run `dvc repro` or `cose compile`)")
+        else:
+            print(f"COSE per cell, with its interval: {ui_url(base, exp)}\n"
+                  f"the same as charts: {ui_url(base, exp, charts=True)}")
+        sys.stdout.flush()  # before mlflow takes the process over
+        # mlflow of this interpreter: found where `cose` is, also outside an activated venv
+        cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
                "--default-artifact-root", artifact_root(), "--host", args.host,
                "--port", str(args.port)]
-        os.execvp(cmd[0], cmd)
+        os.execv(cmd[0], cmd)
     if args.command == "compile" and args.reference_outputs:
         from cose import scoring
 
@@ -271,7 +300,8 @@ def _run(args: argparse.Namespace) -> int:
         from cose.stages import compile as compile_stage
 
         compile_stage.run(cfg)
-        print((common.RESULTS / "cose_table.md").read_text())
+        if not os.environ.get("DVC_STAGE"):  # under `dvc repro` (make demo prints it after)
+            print((common.RESULTS / "cose_table.md").read_text())
     elif args.command == "report":
         from cose.stages import compile as compile_stage
 
@@ -303,9 +333,29 @@ def _ckpt_tag(path: str) -> str:
     return tag or "ckpt"
 
 
+@contextlib.contextmanager
+def _bad_input():
+    """Errors about what the user gave (a value, a file, a folder) are bad input: exit 2 with
+    one line, as every command's (the stages' ConfigError)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, LookupError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError) as exc:
+        text = str(exc).strip()
+        raise ConfigError(text.splitlines()[0] if text else type(exc).__name__) from None
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     """`cose evaluate`: load the model and the images, run cose.evaluate, print the table."""
-    from cose import api, models, scoring
+    with _bad_input():  # every argument checked before any map is computed
+        inputs = _evaluate_inputs(args)
+    return _evaluate_checked(args, *inputs)
+
+
+def _evaluate_inputs(args: argparse.Namespace):
+    from cose import api, models
     from cose.models import external
     from cose.stages import common
 
@@ -313,13 +363,29 @@ def _evaluate(args: argparse.Namespace) -> int:
     methods = "all" if methods == ["all"] else methods
     transforms = ([t.strip() for t in args.transforms.split(",") if t.strip()]
                   if args.transforms else None)
+    settings = _settings(args.setting)
+    for name in spec.methods() if methods == "all" else methods:
+        spec.check_settings(name, settings.get(name, {}))  # the name, then its settings
+    extra = sorted(set(settings) - set(spec.methods() if methods == "all" else methods))
+    if extra:
+        raise ConfigError(f"--setting {extra[0]}.*: {extra[0]!r} is not among --methods")
+    for t in transforms or ():
+        if t not in spec.TRANSFORMS:
+            raise ConfigError(f"--transforms: unknown value {t!r}; allowed: "
+                              f"{', '.join(spec.TRANSFORMS)}")
+    for flag, value, low in (("--images", args.images, 1), ("--magnitudes", args.magnitudes, 1),
+                             ("--batch-size", args.batch_size, 1),
+                             ("--bootstrap", args.bootstrap, 0)):
+        if value < low:
+            raise ConfigError(f"{flag}: got {value}, expected >= {low}")
     registered = args.model in models.names()
-    spec = (models.preprocess(args.model) if registered
+    prep = (models.preprocess(args.model) if registered
             else models.PreprocessSpec(resize=args.size, crop=args.size))
-    images, labels, ids, classes = api.load_folder(args.data, spec, split=args.split,
+    images, labels, ids, classes = api.load_folder(args.data, prep, split=args.split,
                                                    images=args.images, seed=args.seed)
-    weights = external.read_weights(args.weights)
-    in_ckpt = external.checkpoint_classes(weights)
+    hub = args.weights is not None and (args.weights == "hub" or args.weights.startswith("hub:"))
+    weights = args.weights if hub else external.read_weights(args.weights)
+    in_ckpt = None if hub else external.checkpoint_classes(weights)
     nc = args.num_classes or in_ckpt or len(classes)
     if args.num_classes is not None and args.num_classes != len(classes):
         raise ConfigError(f"--num-classes {args.num_classes}, but {args.data} has "
@@ -348,15 +414,23 @@ def _evaluate(args: argparse.Namespace) -> int:
             print("cose: warning: a TorchScript model has no random-init twin: no random-model "
                   "variant", file=sys.stderr)
     ckpts = {_ckpt_tag(p): build(external.read_weights(str(p))) for p in args.checkpoint}
+    return (model, random_model, ckpts, images, labels, ids, methods, transforms, settings,
+            registered, builder.name)
+
+
+def _evaluate_checked(args: argparse.Namespace, model, random_model, ckpts, images, labels, ids,
+                      methods, transforms, settings, registered: bool, model_name: str) -> int:
+    from cose import api, scoring, uncertainty
+
+    _check_some_correct(model, images, labels, args, registered)
     kwargs = {"transforms": transforms} if transforms else {}
     result = api.evaluate(
         model, images, labels, methods=methods,
         normalize=args.model if registered else "imagenet", random_model=random_model,
         checkpoints=ckpts, magnitudes=args.magnitudes, seed=args.seed,
-        settings=_settings(args.setting), batch_size=args.batch_size, ids=ids,
+        settings=settings, batch_size=args.batch_size, ids=ids,
         precision=args.precision,
-        dataset=Path(args.data).resolve().name, model_name=builder.name, **kwargs)
-    from cose import uncertainty
+        dataset=Path(args.data).resolve().name, model_name=model_name, **kwargs)
 
     table = result.intervals(bootstrap=args.bootstrap)
     rows = ["| method | consistency | sensitivity | COSE | COSE 95% interval | images | pairs | "
@@ -375,10 +449,68 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"{args.model} on {args.data} ({len(labels)} {args.split} images, accuracy "
           f"{100 * acc:.1f}%)")
     print("\n".join(rows))
+    records = table.to_dict("records")
+    for r in records:  # why a value is n/a, in words
+        for what, reason in na_reasons(r, bootstrap=args.bootstrap):
+            print(f"cose: note: {scoring.method_display(r['saliency_method'])}: {what} n/a: "
+                  f"{reason}", file=sys.stderr)
     if args.out:
         result.save(args.out, title=f"COSE: {args.model} on {Path(args.data).name}")
         print(f"wrote {Path(args.out) / 'report.html'}")
+    def nothing(r: dict) -> bool:  # neither a consistency nor a sensitivity to report
+        return all(r[k] != r[k] for k in ("overall_consistency", "sensitivity"))
+
+    if all(nothing(r) for r in records):
+        print("cose: error: nothing could be scored (no consistency and no sensitivity for any "
+              "method: see the notes above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def na_reasons(r: dict, bootstrap: int = 1000) -> list[tuple[str, str]]:
+    """(value, reason) for each n/a in one method's row of ``cose evaluate``'s table."""
+    def missing(key: str) -> bool:
+        v = r.get(key, float("nan"))
+        return v != v
+
+    out = []
+    scored = r.get("n_pairs", 0) - r.get("n_misclassified", 0)
+    if r.get("n_pairs", 0) and scored <= 0:
+        return [("every value", "every original image is misclassified, so all its pairs are "
+                                "dropped (COSE scores maps of correct predictions): give trained "
+                                "weights (--weights) or more images (--images)")]
+    if missing("overall_consistency"):
+        out.append(("consistency", "no transformed image kept the model's prediction (no "
+                                   "consistency pair)"))
+    if missing("sensitivity"):
+        out.append(("sensitivity", "no variant (transform, random model, checkpoint) changed the "
+                                   "prediction (no fidelity pair): more images (--images) or a "
+                                   "random-init variant (drop --no-random-model)"))
+    if missing("cose") and not out:
+        out.append(("COSE", "its similarities are NaN (constant maps or empty masks)"))
+    if not missing("cose") and bootstrap and (missing("cose_lo") or missing("cose_hi")):
+        out.append(("the COSE interval", f"{r.get('n_images', 0)} image(s) scored; an interval "
+                                         "needs at least 2"))
+    return out
+
+
+def _check_some_correct(model, images, labels, args, registered: bool) -> None:
+    """Stop before any map is computed when the model gets no image right: every pair would
+    be dropped (minutes of work for a table of n/a)."""
+    import torch
+
+    from cose.api import _normalizer
+    from cose.stages import common
+
+    norm = _normalizer(args.model if registered else "imagenet")
+    with torch.no_grad():
+        preds = torch.cat([model(norm(chunk.to(common.device()))).argmax(1).cpu()
+                           for chunk in images.split(max(args.batch_size, 1))])
+    if not bool((preds == labels).any()):
+        raise RuntimeError(
+            f"--model {args.model} gets none of the {len(labels)} {args.split} images right, so "
+            "every pair would be dropped (COSE scores maps of correct predictions): give trained "
+            "weights (--weights) or more images (--images)")
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
@@ -398,7 +530,9 @@ def _main(argv: list[str] | None) -> int:
 
     warnings.formatwarning = _warning_line
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `cose train --foo`: the train usage, not the top-level one
+        _leaf_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         debug = runtime.current().debug or (args.log_level or "").upper() == "DEBUG"
     except ValueError as exc:  # a bad COSE_* value

@@ -293,6 +293,9 @@ class Journal:
         t = cfg.tracking
         journal = cls(stage, experiment=t.experiment, required=t.required, retries=t.retries,
                       backoff_s=t.backoff_s)
+        cells = [f"{d}/{m}" for d in cfg.datasets for m in cfg.models]
+        if stage == "train" and len(cells) <= 3:  # DVC's matrix runs one per (dataset, model)
+            journal.root_run.name = f"{stage} {', '.join(cells)}"
         resolved = cfg.to_dict()
         for key in ("datasets", "models", "methods"):
             resolved[key] = ",".join(resolved[key])
@@ -509,20 +512,58 @@ def _client(root: Path | None = None):
     return MlflowClient(tracking_uri=uri), uri
 
 
+#: MLflow 3's UI opens an experiment by its kind: a model-development one on its runs table
+#: (without the tag it may open on the GenAI traces page)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+#: the runs table as `cose ui` opens it (an MLflow shared view, an experiment tag): every
+#: compiled cell with its COSE and interval as columns, best first
+VIEW_KEY = "cose"
+_VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+_VIEW = json.dumps({
+    "searchFilter": "metrics.cose >= 0",
+    "orderByKey": "metrics.`cose`", "orderByAsc": False,
+    "selectedColumns": [f"metrics.`{m}`" for m in ("cose", "cose_lo", "cose_hi", "n_images")]
+    + [f"params.`{p}`" for p in ("dataset", "model", "saliency_method")],
+}, sort_keys=True)
+
+
+def ui_url(base: str, experiment_id: str | None, charts: bool = False) -> str:
+    """The MLflow UI page of the COSE runs table (``charts``: its chart view) at ``base``."""
+    if experiment_id is None:
+        return base
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType="
+            f"machine_learning&viewStateShareKey={VIEW_KEY}"
+            + ("&compareRunsMode=CHART" if charts else ""))
+
+
+def experiment_id(name: str, root: Path | None = None) -> str | None:
+    """The id of experiment ``name`` in the project's store, or None (nothing logged yet)."""
+    client, _ = _client(root)
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else None
+
+
 def _experiment_id(client: Any, name: str, uri: str, root: Path) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = artifact_root(root) if uri.startswith("sqlite:") else None
-    if location:
-        Path(location.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently
+    if exp is None:
+        location = artifact_root(root) if uri.startswith("sqlite:") else None
+        if location:
+            Path(location.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        try:
+            client.create_experiment(name, artifact_location=location,
+                                     tags=dict([EXPERIMENT_KIND]))
+        except Exception:  # created concurrently
+            if client.get_experiment_by_name(name) is None:
+                raise
         exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    tags = exp.tags or {}
+    if tags.get(EXPERIMENT_KIND[0]) is None:  # made before the tag, or elsewhere
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    if tags.get(_VIEW_TAG) != _VIEW:
+        client.set_experiment_tag(exp.experiment_id, _VIEW_TAG, _VIEW)
+    return exp.experiment_id
 
 
 def push(journal: Journal) -> None:

@@ -39,6 +39,8 @@ class Builder:
             head = weights.get("head") if isinstance(weights, dict) and is_cose_checkpoint(
                 weights) else None
             return create(self.name, num_classes, weights=weights, seed=seed, head=head)
+        if isinstance(weights, str):  # "hub" / "hub:<tag>": timm's pretrained weights
+            return self._from_hub(weights, num_classes, seed)
         model = self.make(seed)
         if weights is not None:
             if self.kind == "torchscript":
@@ -50,6 +52,26 @@ class Builder:
             except RuntimeError as exc:
                 raise ValueError(f"--weights: not a state dict of {self.name} "
                                  f"({str(exc).splitlines()[0]})") from None
+        return model.eval()
+
+
+    def _from_hub(self, weights: str, num_classes: int, seed: int | None) -> nn.Module:
+        from cose.config import ConfigError
+
+        if self.kind != "timm":
+            raise ConfigError(f"--weights {weights}: hub weights are for registry models and timm "
+                              f"architecture names, not a {self.kind} model; give a file")
+        import timm
+
+        tag = self.name if weights == "hub" else weights.removeprefix("hub:")
+        try:
+            with _seeded(seed):  # the new classifier head's init
+                model = timm.create_model(tag, pretrained=True, num_classes=num_classes)
+        except Exception as exc:  # noqa: BLE001 - network, hub or tag errors all end here
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(f"--weights {weights}: could not load timm hub weights {tag!r} "
+                               f"(offline, or no such tag? {first[:200]}); download them where "
+                               "the hub is reachable and pass the file: --weights FILE") from None
         return model.eval()
 
 
