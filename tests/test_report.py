@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.collections import LineCollection, PathCollection
+from matplotlib.collections import LineCollection, PathCollection, PolyCollection
 
 from cose import report, scoring
 
@@ -105,14 +105,22 @@ def test_magnitude_curves_bin_pool_and_select_like_scoring(known_pairs):
 def test_magnitude_figure_draws_the_curves(known_pairs):
     curves = report.magnitude_curves(known_pairs)
     plot = report.plot_magnitude(curves)
-    cons_ax, sens_ax = plot.figure.axes[:2]
-    lines = {ln.get_label(): ln for ln in cons_ax.get_lines()}
+    # a panel per (metric, kind): at most one line per method in each (issue #28: 14 lines
+    # in one panel could not be read)
+    panels = dict(zip(report.MAGNITUDE_PANELS, plot.figure.axes))
+    assert len(panels) == 4
+    for ax in panels.values():
+        labels = [ln.get_label() for ln in ax.get_lines()]
+        assert len(labels) == len(set(labels)) <= 2
+    lines = {ln.get_label(): ln for kind in ("geometric", "photometric")
+             for ln in panels[("consistency", kind)].get_lines()}
     geo = lines["GradCAM (geometric)"]
     np.testing.assert_allclose(geo.get_xdata(), [1.5 / 6, 3.5 / 6, 5.5 / 6])
     np.testing.assert_allclose(geo.get_ydata(), [0.5, 0.4, 0.9])
     assert geo.get_linestyle() == "-" and lines["GradCAM (photometric)"].get_linestyle() == "--"
     np.testing.assert_allclose(lines["GradCAM (photometric)"].get_ydata(), [0.5])
-    sens = {ln.get_label(): ln for ln in sens_ax.get_lines()}
+    sens = {ln.get_label(): ln for kind in ("geometric", "photometric")
+            for ln in panels[("sensitivity", kind)].get_lines()}
     np.testing.assert_allclose(sens["GradCAM (geometric)"].get_xdata(), [5.5 / 6])
     np.testing.assert_allclose(sens["GradCAM (geometric)"].get_ydata(), [0.9])
     np.testing.assert_allclose(sens["GradCAM (photometric)"].get_ydata(), [0.7])
@@ -167,6 +175,16 @@ def test_cose_by_family_figure_draws_one_point_per_model():
                and c.get_gid() == "medians"]
     ys = sorted(seg[0][1] for c in medians for seg in c.get_segments())
     assert ys == pytest.approx(sorted([0.55, 0.325, 0.7, 0.2]))
+    # two points per family make no density: points and a median, no violin (#28)
+    assert not [c for c in ax.collections if isinstance(c, PolyCollection)]
+
+
+def test_family_violins_from_enough_points():
+    rows = [{"saliency_method": "gradcam", "dataset": "digits", "model": f"demo_resnet_{i}",
+             "cose": 0.5 + 0.05 * i} for i in range(report.VIOLIN_MIN)]
+    summary = pd.DataFrame(rows).assign(overall_consistency=0.5, sensitivity=0.5)
+    ax = report.plot_cose_by_family(summary).figure.axes[0]
+    assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 1
 
 
 def test_intervals_that_do_not_hold_their_point_are_drawn_as_they_are():
@@ -254,7 +272,11 @@ def test_qualitative_grid_shows_the_sample_maps():
     # random, mid_ckpt (FlipLR would be the 5th); first Rotate at this image's magnitude
     assert cols == ["image", "original map", "Rotate +12°", "Brightness +0.1", "random",
                     "mid_ckpt_e001"]
-    axes = np.asarray(plot.figure.axes).reshape(2, len(cols))
+    # the grid's panels, then each row's colour scale (a colorbar axes per row)
+    axes = np.asarray(plot.figure.axes[:2 * len(cols)]).reshape(2, len(cols))
+    bars = plot.figure.axes[2 * len(cols):]
+    assert len(bars) == 2 and [b.get_ylabel() for b in bars] == ["saliency", "signed"]
+    assert bars[1].get_ylim() == (-1, 1) and bars[0].get_ylim() == (0, 1)
     for r, method in enumerate(["gradcam", "lime"]):
         s = samples[method]
         np.testing.assert_allclose(axes[r, 0].images[0].get_array(),

@@ -71,7 +71,7 @@ FIGURES: dict[str, str] = {
               "higher is better for all three.",
     "cose_by_family": "Fig. 3 layout: COSE per method by architecture family (one point per "
                       "dataset and model, with its bootstrap interval over images as an error "
-                      "bar; violins where a family has two or more values). Higher is better.",
+                      "bar; a violin where a family has 5 values or more). Higher is better.",
     "consistency_distributions": "Fig. 5 layout: distribution of the per-pair consistency "
                                  "(SSIM of variants still predicted as the label), geometric "
                                  "and photometric transforms, pooled over datasets and models.",
@@ -290,11 +290,16 @@ def method_scores(summary: pd.DataFrame,
 # --------------------------------------------------------------------------- figures
 
 
+#: a violin (a density) is drawn over this many values or more; fewer are shown as points
+VIOLIN_MIN = 5
+
+
 def _violins(ax, groups: list[np.ndarray], positions: list[float], color: str,
              width: float, points: bool) -> list[float]:
-    """Violins where a group has >= 2 distinct values, a median tick for every non-empty group
-    (one LineCollection, gid ``medians``), optionally the points. Returns the medians."""
-    ok = [i for i, g in enumerate(groups) if len(g) >= 2 and np.ptp(g) > 0]
+    """Violins where a group has >= VIOLIN_MIN distinct-enough values (fewer make no density
+    worth drawing), a median tick for every non-empty group (one LineCollection, gid
+    ``medians``), optionally the points. Returns the medians."""
+    ok = [i for i, g in enumerate(groups) if len(g) >= VIOLIN_MIN and np.ptp(g) > 0]
     if ok:
         parts = ax.violinplot([groups[i] for i in ok], positions=[positions[i] for i in ok],
                               widths=width, showextrema=False)
@@ -379,36 +384,41 @@ def plot_consistency_distributions(pairs: pd.DataFrame, column: str = "ssim") ->
     return Plot(fig, data)
 
 
+MAGNITUDE_PANELS = tuple((metric, kind) for metric in ("consistency", "sensitivity")
+                         for kind in ("geometric", "photometric"))
+
+
 def plot_magnitude(curves: pd.DataFrame) -> Plot:
-    """Fig. 6: consistency (left) and sensitivity (right) against the relative transform
-    magnitude; one colour per method, solid geometric, dashed photometric. Each line is labelled
-    ``"<Method> (<kind>)"`` and draws the bins of :func:`magnitude_curves` with a value."""
-    fig = _figure(11.0, 4.0)
-    axes = fig.subplots(1, 2, sharex=True)
+    """Fig. 6: consistency (top) and sensitivity (bottom) against the relative transform
+    magnitude, geometric transforms (left, solid) and photometric ones (right, dashed) in
+    panels of their own (:data:`MAGNITUDE_PANELS`, in ``fig.axes`` order), one colour per
+    method in every panel. Each line is labelled ``"<Method> (<kind>)"`` and draws the bins of
+    :func:`magnitude_curves` with a value."""
+    fig = _figure(11.0, 7.0)
+    axes = fig.subplots(2, 2, sharex=True, sharey="row").ravel()
     methods = _methods(curves["saliency_method"])
-    colors = _palette(len(methods))
-    for ax, metric in zip(axes, ("consistency", "sensitivity")):
-        for m, color in zip(methods, colors):
-            for kind, style in (("geometric", ("-", "o")), ("photometric", ("--", "s"))):
-                c = curves[(curves["saliency_method"] == m) & (curves["kind"] == kind)]
-                c = c[np.isfinite(c[metric].astype(float))]
-                if c.empty:
-                    continue
-                ax.plot(c["relative_magnitude"].to_numpy(float), c[metric].to_numpy(float),
-                        linestyle=style[0], marker=style[1], color=color, markersize=4,
-                        label=f"{_display(m)} ({kind})")
+    colors = dict(zip(methods, _palette(len(methods))))
+    styles = {"geometric": ("-", "o"), "photometric": ("--", "s")}
+    for ax, (metric, kind) in zip(axes, MAGNITUDE_PANELS):
+        for m in methods:
+            c = curves[(curves["saliency_method"] == m) & (curves["kind"] == kind)]
+            c = c[np.isfinite(c[metric].astype(float))]
+            if c.empty:
+                continue
+            ax.plot(c["relative_magnitude"].to_numpy(float), c[metric].to_numpy(float),
+                    linestyle=styles[kind][0], marker=styles[kind][1], color=colors[m],
+                    markersize=4, label=f"{_display(m)} ({kind})")
         ax.set_xlabel("relative transform magnitude")
         ax.set_ylabel(metric)
         ax.set_xlim(0, 1)
         ax.set_ylim(*_limits(curves[metric] if len(curves) else [], -0.05, 1.05, 0))
         ax.grid(alpha=0.3)
-        ax.set_title(f"{metric.capitalize()} vs magnitude")
-    handles, labels = axes[0].get_legend_handles_labels()
-    more = [(h, lab) for h, lab in zip(*axes[1].get_legend_handles_labels()) if lab not in labels]
-    if handles or more:
-        fig.legend([h for h, _ in zip(handles, labels)] + [h for h, _ in more],
-                   labels + [lab for _, lab in more], loc="outside right center",
-                   fontsize="x-small")
+        ax.set_title(f"{metric.capitalize()} vs magnitude: {kind}", fontsize="small")
+    from matplotlib.lines import Line2D
+
+    # one legend entry per method (its colour is the same in every panel)
+    fig.legend([Line2D([], [], color=colors[m], marker="o") for m in methods],
+               [_display(m) for m in methods], loc="outside right center", fontsize="small")
     return Plot(fig, curves)
 
 
@@ -535,6 +545,10 @@ def plot_samples(samples: Mapping[str, Mapping[str, np.ndarray]], index: int = 0
             axes[r, c].imshow(arr, **kw)
             panels[(m, columns[c])] = arr
         axes[r, 0].set_ylabel(_display(m), fontsize="small")
+        # the row's colour scale (each map is drawn on it: signed maps -1..1, others 0..1)
+        bar = fig.colorbar(axes[r, 1].images[0], ax=list(axes[r, :]), fraction=0.02, pad=0.01)
+        bar.set_label("signed" if signed else "saliency", fontsize="x-small")
+        bar.ax.tick_params(labelsize="xx-small")
     for r in range(len(methods)):
         for c in range(len(columns)):
             axes[r, c].set_xticks([])
