@@ -5,6 +5,7 @@ for bad input, the usage of the command typed, `make exp` without an install.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -28,6 +29,17 @@ def _free_port() -> int:
 # --------------------------------------------------------------------------- the MLflow UI
 
 
+def _healthy(port: int) -> bool:
+    import http.client
+
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 def test_mlflow_ui_shows_cose_at_first_sight(tiny_project, tmp_path):
     """`cose ui` on the reproduced tiny project: the page it prints opens, in a real browser, on
@@ -48,7 +60,10 @@ def test_mlflow_ui_shows_cose_at_first_sight(tiny_project, tmp_path):
     exp = client.get_experiment_by_name("cose")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     cells = client.search_runs([exp.experiment_id], "metrics.cose >= 0")
-    assert len(cells) == 14  # 2 models x 7 methods
+    scored = json.loads((tiny_project / "results" / "metrics.json").read_text())["digits"]
+    expected = {f"cose digits/{model}/{method}" for model, per in scored.items()
+                for method, v in per.items() if isinstance(v, dict) and v.get("cose") is not None}
+    assert expected and {r.info.run_name for r in cells} == expected
     port = _free_port()
     env = {**project_env(tiny_project), "COSE_PROJECT_ROOT": str(work)}
     log = (tmp_path / "ui.log").open("w")
@@ -56,8 +71,7 @@ def test_mlflow_ui_shows_cose_at_first_sight(tiny_project, tmp_path):
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while "Uvicorn running" not in (tmp_path / "ui.log").read_text() and \
-                "Listening at" not in (tmp_path / "ui.log").read_text():
+        while not _healthy(port):
             assert proc.poll() is None and time.monotonic() < deadline, \
                 (tmp_path / "ui.log").read_text()[-3000:]
             time.sleep(0.5)
@@ -76,8 +90,11 @@ def test_mlflow_ui_shows_cose_at_first_sight(tiny_project, tmp_path):
     assert "Send your first trace" not in dom  # not the GenAI landing page
     for run in cells:
         assert run.info.run_name in dom, run.info.run_name  # "cose digits/demo_vit/ig"
-        for metric in ("cose", "cose_lo", "cose_hi"):
-            assert repr(run.data.metrics[metric])[:7] in dom, (run.info.run_name, metric)
+        assert repr(run.data.metrics["cose"])[:7] in dom, run.info.run_name
+        for metric in ("cose_lo", "cose_hi"):  # where an interval could be drawn
+            if metric in run.data.metrics:
+                assert repr(run.data.metrics[metric])[:7] in dom, (run.info.run_name, metric)
+    # (the tiny project's cells score one image each: no interval to show; the demo's have)
 
 
 # --------------------------------------------------------------------------- cose evaluate
