@@ -466,9 +466,10 @@ def test_lime_superpixels_scale_with_the_image():
 
 
 def test_lime_segments_while_the_model_runs(monkeypatch):
-    """LIME's quickshift runs on a thread pool while the model already evaluates the
-    perturbations of the images segmented so far; the forward batches (and so the maps) are
-    those of one pass over all images' rows."""
+    """LIME's quickshift runs on a thread pool; with ``overlap`` the model already evaluates
+    the perturbations of the images segmented so far (the default off the CPU); on the CPU by
+    default every image is segmented first (torch's threads share those cores: issue #36).
+    The forward batches (and so the maps) are those of one pass over all images' rows."""
     import threading
     import time
 
@@ -503,13 +504,23 @@ def test_lime_segments_while_the_model_runs(monkeypatch):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        streamed = L.compute(model, x, t, 3, **kw)
+        streamed = L.compute(model, x, t, 3, overlap=True, **kw)
         first_forward = min(e[1] for e in events if e[0] == "forward")
         last_segment = max(e[1] for e in events if e[0] == "segment")
         assert first_forward < last_segment  # the model ran before segmentation was over
         assert len({e[2] for e in events if e[0] == "segment"}) == 2  # on two threads
         rows = list(model.rows)
         assert all(r == 16 for r in rows[:-1]) and 0 < rows[-1] <= 16
+        model.rows.clear()
+        events.clear()
+        phases: dict = {}
+        on_cpu = L.compute(model, x, t, 3, phases=phases, **kw)  # auto: no overlap on the CPU
+        assert phases["overlap"] is False and phases["forward_rows"] == sum(rows)
+        assert min(e[1] for e in events if e[0] == "forward") > max(
+            e[1] for e in events if e[0] == "segment")
+        assert len({e[2] for e in events if e[0] == "segment"}) == 2  # still on two threads
+        assert model.rows == rows and torch.equal(on_cpu, streamed)
+        assert all(phases[k] >= 0 for k in ("segment", "forward", "fit", "mask"))
         model.rows.clear()
         torch.set_num_threads(1)  # one thread: segment, then run, image after image
         sequential = L.compute(model, x, t, 3, **kw)

@@ -33,6 +33,7 @@ channel mean.
 
 from __future__ import annotations
 
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -89,7 +90,7 @@ def segment(image_hwc: np.ndarray, random_seed: int, kernel_size: float = KERNEL
 
 
 def _forward_streamed(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
-                      max_target: int, ready, batch_size: int):
+                      max_target: int, ready, batch_size: int, clock: dict[str, float]):
     """The target-class probability of each distinct perturbation of each image, as images
     arrive from ``ready`` (in order: (RandomState, segments, on/off rows) each): their
     rows are queued and go through the model ``batch_size`` at a time, a batch spanning
@@ -106,6 +107,7 @@ def _forward_streamed(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
     def run(rows: int) -> None:
         """The first ``rows`` queued perturbations through the model, as one batch."""
         nonlocal queued
+        t0 = time.perf_counter()
         inputs, where, take = [], [], rows
         while take:
             i, onoff, lo = queue[0]
@@ -130,6 +132,10 @@ def _forward_streamed(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
         for i, lo, hi in where:
             probs[i][lo:hi] = p[k : k + hi - lo]
             k += hi - lo
+        if dev.type == "cuda":  # the time the batch took, not the time to queue it
+            torch.cuda.synchronize(dev)
+        clock["forward"] += time.perf_counter() - t0
+        clock["forward_rows"] += rows
 
     segs_dev: list[torch.Tensor] = []
     for i, (rs, seg, data) in enumerate(ready):
@@ -163,14 +169,24 @@ def compute(
     kernel_size: float | None = None,
     max_dist: float | None = None,
     ratio: float = RATIO,
+    overlap: bool | None = None,
+    phases: dict[str, float] | None = None,
 ) -> torch.Tensor:
+    """LIME maps of ``images`` (module docstring). ``overlap``: segment on threads while the
+    model runs the perturbations of the images segmented so far (None: only when the model is
+    off the CPU; on the CPU the threads would share the cores with torch's own, whose OpenMP
+    barriers stall behind them: there every image is segmented first, on threads, then the
+    model runs). ``phases``: a dict that receives the seconds of each phase (``segment``,
+    ``forward``, ``fit``, ``mask``, ``total``), the forward rows and whether it overlapped."""
     import sklearn.metrics
     from lime.lime_base import LimeBase
 
+    start = time.perf_counter()
     x = images.detach().float()
     B, C, H, W = x.shape
     ks, md = segmentation_settings(H, W, kernel_size, max_dist)
     hwc = x.permute(0, 2, 3, 1).cpu().numpy()  # float32, as the reference segments it
+    clock = {"segment": 0.0, "forward": 0.0, "forward_rows": 0, "fit": 0.0, "mask": 0.0}
 
     def prepare(i):
         rs = np.random.RandomState(None if seed is None else int(seed))
@@ -183,19 +199,27 @@ def compute(
         return rs, seg, data
 
     # quickshift runs without the GIL: the images are segmented on parallel threads (each has
-    # its own RandomState, so nothing depends on the scheduling) while the model already runs
-    # the perturbations of the images segmented so far: the forward batches are the same
-    # batch_size rows, in the same order, as over all images at once
+    # its own RandomState, so nothing depends on the scheduling); with ``overlap`` the model
+    # already runs the perturbations of the images segmented so far. Either way the forward
+    # batches are the same batch_size rows, in the same order, as over all images at once.
+    if overlap is None:
+        overlap = x.device.type != "cpu"
     workers = min(B, max(1, torch.get_num_threads()))
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
+        t0 = time.perf_counter()
         if pool is not None:
             futures = [pool.submit(prepare, i) for i in range(B)]
             ready = (f.result() for f in futures)
         else:
             ready = (prepare(i) for i in range(B))
+        if not overlap:
+            ready = list(ready)
+            clock["segment"] = time.perf_counter() - t0
         states, segs, datas, inverse, probs = _forward_streamed(
-            model, x, targets, max_target, ready, batch_size)
+            model, x, targets, max_target, ready, batch_size, clock)
+        if overlap:  # the part of the stage the model did not cover
+            clock["segment"] = time.perf_counter() - t0 - clock["forward"]
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -209,6 +233,7 @@ def compute(
     probs_np = [p.cpu().numpy() for p in probs]
     labels = [probs_np[i][inverse[i]] for i in range(B)]
 
+    t0 = time.perf_counter()
     explanations = []
     for i in range(B):
         data = datas[i]
@@ -220,4 +245,9 @@ def compute(
             data, labels[i].reshape(-1, 1), distances, 0, 100000, feature_selection="auto"
         )
         explanations.append(exp)
-    return lime_mask(seg_t, explanations, num_features).to(images.device)
+    t1 = time.perf_counter()
+    out = lime_mask(seg_t, explanations, num_features).to(images.device)
+    clock.update(fit=t1 - t0, mask=time.perf_counter() - t1)
+    if phases is not None:
+        phases.update(clock, total=time.perf_counter() - start, overlap=bool(overlap))
+    return out
