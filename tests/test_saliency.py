@@ -577,3 +577,28 @@ def test_guided_ig_rows_are_independent_exactly():
     # nothing but baseline rows: no inner iteration at all, zero attributions
     zero = guided_ig.attribution(model, torch.zeros(2, 3, 12, 12), t[:2], 4, **kw)
     assert torch.equal(zero, torch.zeros_like(zero))
+
+
+def test_lime_benchmark_compares_equal_segmentation_and_prints_phases(tmp_path, capsys):
+    """benchmarks/saliency_speed.py: `lime` runs both sides at the reference's segmentation,
+    `lime_scaled` both at the project's scaled one (issue #36), each with our phases."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import saliency_speed
+
+    out = tmp_path / "rows.json"
+    assert saliency_speed.main(["--device", "cpu", "--model", "resnet18", "--size", "32",
+                                "--images", "1", "--methods", "lime,lime_scaled",
+                                "--json", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"lime", "lime_scaled"}
+    for row in rows.values():
+        ph = row["phases"]
+        assert ph["overlap"] is False and ph["forward_rows"] > 0
+        assert ph["total"] >= ph["forward"] > 0
+    # the reference's quickshift finds fewer superpixels at 32 px: fewer distinct samples
+    assert rows["lime"]["phases"]["forward_rows"] < rows["lime_scaled"]["phases"]["forward_rows"]
+    printed = capsys.readouterr().out
+    assert "lime       phases: segment" in printed and "geometric mean speedup" in printed
