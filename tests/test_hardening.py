@@ -114,8 +114,15 @@ def test_injection_through_params_and_exp_run_never_runs(tmp_path):
     (proj / "params.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
     res = sh(["dvc", "exp", "run", "-S", "models=[demo_resnet,\"m$(touch INJECTED)\"]"], proj,
              check=False)
-    assert res.returncode != 0 and "is not a name" in res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "is not a name" in out
     assert not (proj / "INJECTED").exists()
+    # DVC wrote the refused value into params.yaml before any stage ran: the error says how
+    # to undo it (issue #28), and that undo restores the file
+    assert "git checkout -- params.yaml" in out, out
+    assert "INJECTED" in (proj / "params.yaml").read_text()
+    sh(["git", "checkout", "--", "params.yaml"], proj)
+    assert yaml.safe_load((proj / "params.yaml").read_text()) == base
 
 
 # --------------------------------------------------------------------------- data folders
