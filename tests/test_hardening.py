@@ -257,3 +257,22 @@ def test_train_checks_image_hashes_against_the_manifest(tmp_path):
     with pytest.raises(ValueError, match=r"its bytes differ from the sha256.*"
                                          r"cose data fetch digits --force"):
         common.check_images(cfg, "digits", ("train", "test"))
+
+
+def test_evaluate_folder_refuses_empty_class_and_outward_links(tmp_path):
+    """`cose evaluate --data DIR` on a plain image folder holds it to the same rules as
+    `cose data fetch`: no empty class folder, no symbolic link out of it."""
+    from cose import api
+    from cose.data import PreprocessSpec
+
+    src = _folder(tmp_path / "imgs")
+    (src / "bird").mkdir()
+    with pytest.raises(ValueError, match=r"class folder\(s\) bird hold no images"):
+        api.load_folder(src, PreprocessSpec(8, 8))
+    (src / "bird").rmdir()
+    (src / "cat" / "out.png").symlink_to("/etc/hostname")
+    with pytest.raises(ValueError, match=r"out\.png: a symbolic link out of the image folder"):
+        api.load_folder(src, PreprocessSpec(8, 8))
+    (src / "cat" / "out.png").unlink()
+    x, y, _, classes = api.load_folder(src, PreprocessSpec(8, 8))
+    assert classes == ["cat", "dog"] and len(x) == 6

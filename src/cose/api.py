@@ -433,16 +433,14 @@ def load_folder(
             return sorted(p for p in folder.iterdir()
                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
+        from cose.data.sources import imagefolder_classes
+
         split_dirs = [d for d in ("train", "val", "test") if (root / d).is_dir()]
-        if split_dirs:
-            if split not in split_dirs:
-                raise ValueError(f"{root}: no {split!r} folder; available: {', '.join(split_dirs)}")
-            classes = sorted({c.name for s in split_dirs for c in (root / s).iterdir()
-                              if c.is_dir()})
-            base = root / split
-        else:
-            classes = sorted(c.name for c in root.iterdir() if c.is_dir())
-            base = root
+        if split_dirs and split not in split_dirs:
+            raise ValueError(f"{root}: no {split!r} folder; available: {', '.join(split_dirs)}")
+        # every split's class folders (an empty one or a link out of the folder: refused)
+        classes = imagefolder_classes(root)
+        base = root / split if split_dirs else root
         files = [(p, i) for i, c in enumerate(classes) if (base / c).is_dir()
                  for p in listing(base / c)]
     if not files:

@@ -226,13 +226,11 @@ def imagefolder_files(src: Path) -> list[str]:
                   for c in sorted(top.iterdir()) if c.is_dir() for p in _list_images(c))
 
 
-def prepare_imagefolder(src: Path, out: Path) -> None:
-    """``src/<split>/<class>/*`` (splits among train/val/test) or ``src/<class>/*`` (80/20
-    seeded split). Files are copied into ``out/images`` with the same relative paths. A class
-    folder without images, or a symbolic link out of ``src``, is refused naming it."""
+def imagefolder_classes(src: Path) -> list[str]:
+    """The class names of an image folder (its class folders, over every split), sorted;
+    ValueError naming a class folder without images (it would be a class no image has) or a
+    symbolic link out of the folder (:func:`imagefolder_files`)."""
     src = Path(src)
-    if not src.is_dir():
-        raise FileNotFoundError(f"imagefolder source {src} is not a folder")
     files = imagefolder_files(src)
     split_dirs = [d for d in ("train", "val", "test") if (src / d).is_dir()]
     tops = [src / s for s in split_dirs] if split_dirs else [src]
@@ -240,9 +238,21 @@ def prepare_imagefolder(src: Path, out: Path) -> None:
     used = {f.split("/")[-2] for f in files}
     empty = [c for c in folders if c not in used]
     if files and empty:
-        raise ValueError(f"imagefolder source {src}: class folder(s) {', '.join(empty)} hold no "
+        raise ValueError(f"image folder {src}: class folder(s) {', '.join(empty)} hold no "
                          f"images ({', '.join(IMAGE_SUFFIXES)}): remove them or add images "
                          "(an empty class would be a class no image has)")
+    return folders
+
+
+def prepare_imagefolder(src: Path, out: Path) -> None:
+    """``src/<split>/<class>/*`` (splits among train/val/test) or ``src/<class>/*`` (80/20
+    seeded split). Files are copied into ``out/images`` with the same relative paths. A class
+    folder without images, or a symbolic link out of ``src``, is refused naming it."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"imagefolder source {src} is not a folder")
+    folders = imagefolder_classes(src)
+    split_dirs = [d for d in ("train", "val", "test") if (src / d).is_dir()]
     shutil.copytree(src, out / "images")
     if split_dirs:
         classes = folders
