@@ -39,9 +39,9 @@ exp:
 	@command -v dvc >/dev/null || { echo "make exp needs dvc: run make install (or pip install dvc)" >&2; exit 1; }
 	dvc exp show --only-changed --keep '^cose\.'
 
-## test: install dev extras and run the whole test suite
+## test: install dev extras and run the whole test suite (the 25 slowest tests listed last)
 test: install-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 ## test-fast: skip the slow pipeline/server tests
 test-fast: install-dev
