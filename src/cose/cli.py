@@ -228,7 +228,8 @@ def _run(args: argparse.Namespace) -> int:
         relocate_store()  # a moved checkout shows its own artifacts
         name = _load(args).tracking.experiment if Path(args.params).is_file() else "cose"
         exp = experiment_id(name)
-        base = f"http://{args.host}:{args.port}"
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # browsable
+        base = f"http://{shown}:{args.port}"
         if exp is None:
             print(f"MLflow UI: {base} (no COSE runs yet: run `dvc repro` or `cose compile`)")
         else:
