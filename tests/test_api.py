@@ -220,6 +220,7 @@ def _image_folder(root: Path, layout: str) -> Path:
 
 
 def test_load_folder_layouts(tmp_path):
+    import cose.api  # noqa: F401 - cose.api is an attribute of cose once imported (alone too)
     from cose import data, models
 
     spec = models.preprocess("demo_resnet")
